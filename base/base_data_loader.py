@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.dataloader import default_collate
+
+from data_loader.sampler import EpochSampler, mix_seed
+
+
+def seed_worker(worker_id: int) -> None:
+    """torch seeds each worker with base_seed + worker_id; NumPy and `random` need the same."""
+    seed = torch.initial_seed()
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def split_indices(n: int, validation_split: float | int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, valid) indices; `validation_split` is a fraction (float) or a count (int).
+
+    Drawn from a private generator: the same seed gives the same split, and no global RNG moves.
+    """
+    if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)):
+        raise ValueError(f"validation_split must be a number, got {validation_split!r}")
+    if isinstance(validation_split, int):
+        if not 0 <= validation_split < n:
+            raise ValueError(f"validation_split {validation_split} must be a count in [0, {n})")
+        n_valid = validation_split
+    else:
+        if not 0.0 <= validation_split < 1.0:
+            raise ValueError(f"validation_split {validation_split} must be a fraction in [0, 1)")
+        n_valid = int(round(n * validation_split))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, 0x5011)))
+    return order[n_valid:].sort().values, order[:n_valid].sort().values
+
+
+class BaseDataLoader(DataLoader):
+    """A DataLoader with a deterministic validation split and a (seed, epoch)-ordered sampler.
+
+    Subclasses build their Dataset and call `super().__init__`, as in pytorch-template. Pass
+    `valid_dataset` (the same samples, built with a non-augmenting transform) to validate without
+    augmentation. The builder calls `configure(seed, rank, world_size)` once after construction.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True,
+                 validation_split: float | int = 0.0, num_workers: int = 0,
+                 collate_fn: Callable = default_collate, valid_dataset: Dataset | None = None,
+                 pin_memory: bool = False, drop_last: bool = False):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.validation_split = validation_split
+        self.valid_dataset = dataset if valid_dataset is None else valid_dataset
+        self.n_samples = len(dataset)
+        train_idx, self.valid_indices = split_indices(self.n_samples, validation_split, seed=0)
+        sampler = EpochSampler(train_idx, shuffle=shuffle)
+        self._loader_kwargs = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
+                                   pin_memory=pin_memory, worker_init_fn=seed_worker)
+        super().__init__(dataset, sampler=sampler, drop_last=drop_last, generator=torch.Generator(),
+                         **self._loader_kwargs)
+
+    def configure(self, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        """Redo the split with the run's seed and select this process's share of every epoch."""
+        train_idx, self.valid_indices = split_indices(self.n_samples, self.validation_split, seed)
+        self.sampler.indices = train_idx
+        self.sampler.seed, self.sampler.rank, self.sampler.world_size = seed, rank, world_size
+        self.seed = seed
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Fix the order of `epoch` (and skip `start` samples of it); call before iterating."""
+        self.sampler.set_epoch(epoch, start)
+        # Worker seeds come from this generator when the iterator is created; seeding it from
+        # (seed, epoch) keeps the global RNG untouched and makes workers reproducible.
+        self.generator.manual_seed(mix_seed(self.sampler.seed, epoch, 0xDA7A))
+
+    def split_validation(self) -> DataLoader | None:
+        """The validation DataLoader (unshuffled, no padding across ranks), or None without a split."""
+        if len(self.valid_indices) == 0:
+            return None
+        sampler = EpochSampler(self.valid_indices, shuffle=False, rank=self.sampler.rank,
+                               world_size=self.sampler.world_size, pad=False)
+        return DataLoader(self.valid_dataset, sampler=sampler, generator=torch.Generator().manual_seed(0),
+                          **self._loader_kwargs)

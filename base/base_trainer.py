@@ -1,0 +1,254 @@
+"""The epoch loop: monitoring, early stopping, checkpoints, exact resume and stop signals.
+
+Subclasses implement `_train_epoch` and `_valid_epoch`; user code extends a run through the five
+hook methods named after the steps of the loop (see README: Extending the loop).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from abc import ABCMeta, abstractmethod
+from pathlib import Path
+
+import torch
+
+from checkpoint import (CHECKPOINT_FORMAT, capture_rng, load_model_state, restore_rng, save_checkpoint,
+                        unwrap_model)
+from data_loader.sampler import mix_seed
+from errors import Interrupted
+from logger import NullWriter, get_logger
+from runtime.distributed import DistContext, all_reduce
+
+
+class BaseTrainer(metaclass=ABCMeta):
+    def __init__(self, model, criterion, metric_fns, optimizer, config: dict, device: torch.device,
+                 data_loader, valid_data_loader=None, lr_scheduler=None, run_dir: str | Path | None = None,
+                 writer=None, dist: DistContext | None = None, stop_signal=None):
+        self.model, self.criterion, self.metric_fns = model, criterion, list(metric_fns)
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.config, self.device = config, device
+        self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.checkpoint_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        self.writer = writer if writer is not None else NullWriter()
+        self.dist = dist or DistContext()
+        self.stop_signal = stop_signal
+        self.logger = get_logger()
+
+        cfg = config["trainer"]
+        self.epochs = cfg["epochs"]
+        self.save_period, self.keep_last = cfg["save_period"], cfg["keep_last"]
+        self.early_stop = cfg["early_stop"]
+        self.verbosity = cfg["verbosity"]
+        if cfg["monitor"] == "off":
+            self.monitor_mode, self.monitor_metric = "off", None
+            self.monitor_best = 0.0
+        else:
+            self.monitor_mode, self.monitor_metric = cfg["monitor"].split()
+            self.monitor_best = math.inf if self.monitor_mode == "min" else -math.inf
+        self.scheduler_interval = (config.get("lr_scheduler") or {}).get("interval", "epoch")
+
+        # Position: `epoch` is the epoch in progress; `batch_in_epoch` batches (this process) and
+        # `samples_in_epoch` samples (all processes) of it are done.
+        self.start_epoch, self.epoch, self.global_step = 1, 1, 0
+        self.batch_in_epoch = self.samples_in_epoch = 0
+        self.epoch_totals: dict | None = None  # running sums of the epoch in progress (mid-epoch resume)
+        self.not_improved_count, self.best_epoch = 0, 0
+
+    # ---- hooks: override in a subclass (trainer.type) to extend the loop -------------------------
+    def on_train_start(self) -> None: ...
+    def on_epoch_start(self, epoch: int) -> None: ...
+    def on_batch_end(self, batch_idx: int, loss: torch.Tensor) -> None: ...
+    def on_validation_end(self, epoch: int, result: dict) -> None: ...
+    def on_train_end(self) -> None: ...
+
+    @abstractmethod
+    def _train_epoch(self, epoch: int) -> dict:
+        """Train one epoch (from `batch_in_epoch` on); return {metric name: average}."""
+
+    @abstractmethod
+    def _valid_epoch(self, epoch: int) -> dict:
+        """Evaluate on the validation split; return {metric name: average} (without the val_ prefix)."""
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def train(self) -> dict:
+        self.on_train_start()
+        try:
+            for epoch in range(self.start_epoch, self.epochs + 1):
+                self.epoch = epoch
+                self.on_epoch_start(epoch)
+                started = time.perf_counter()
+                result = self._train_epoch(epoch)
+                if self.valid_data_loader is not None:
+                    result.update({f"val_{k}": v for k, v in self._valid_epoch(epoch).items()})
+                self.on_validation_end(epoch, result)
+                self._step_epoch_scheduler(result)
+                improved = self._update_monitor(result)
+                self._log_epoch(epoch, result, time.perf_counter() - started, improved)
+                self.batch_in_epoch = self.samples_in_epoch = 0
+                self._save_epoch(epoch, improved)
+                if self._stop_requested():
+                    raise Interrupted(self.stop_signal.signum, f"stopped by signal at epoch {epoch} end; "
+                                                               f"checkpoint saved")
+                if self.early_stop and self.not_improved_count >= self.early_stop:
+                    self.logger.info(f"early stopping: {self.monitor_metric} did not improve for "
+                                     f"{self.early_stop} epochs")
+                    break
+        finally:
+            self.on_train_end()
+            self.writer.flush()
+        return {"best_epoch": self.best_epoch, "monitor_best": self.monitor_best}
+
+    def _step_epoch_scheduler(self, result: dict) -> None:
+        if self.lr_scheduler is None or self.scheduler_interval != "epoch":
+            return
+        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_scheduler.step(result[self.plateau_metric(result)])
+        else:
+            self.lr_scheduler.step()
+
+    def plateau_metric(self, result: dict) -> str:
+        return self.monitor_metric or ("val_loss" if "val_loss" in result else "loss")
+
+    def _update_monitor(self, result: dict) -> bool:
+        if self.monitor_mode == "off":
+            return False
+        value = result[self.monitor_metric]
+        improved = value < self.monitor_best if self.monitor_mode == "min" else value > self.monitor_best
+        if improved:
+            self.monitor_best, self.best_epoch, self.not_improved_count = float(value), self.epoch, 0
+        else:
+            self.not_improved_count += 1
+        return improved
+
+    def _log_epoch(self, epoch: int, result: dict, seconds: float, improved: bool) -> None:
+        values = "  ".join(f"{k} {v:.4f}" for k, v in result.items())
+        self.logger.info(f"epoch {epoch}/{self.epochs}  {values}  ({seconds:.1f}s){'  *best' if improved else ''}")
+        for key, value in result.items():
+            tag = f"{key[4:]}/val" if key.startswith("val_") else f"{key}/train"
+            self.writer.add_scalar(tag, value, self.global_step)
+        self.writer.add_scalar("time/epoch_seconds", seconds, self.global_step)
+        self.writer.add_scalar("epoch", epoch, self.global_step)
+        for i, group in enumerate(self.optimizer.param_groups):
+            self.writer.add_scalar(f"lr/group{i}", group["lr"], self.global_step)
+
+    def _stop_requested(self) -> bool:
+        """True on every rank as soon as any rank received SIGINT/SIGTERM (one all-reduce)."""
+        local = self.stop_signal is not None and self.stop_signal.requested
+        if not self.dist.enabled:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0])
+        all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self.stop_signal is not None and self.stop_signal.signum is None:
+            import signal
+
+            self.stop_signal.signum = signal.SIGTERM
+        return bool(flag.item())
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def checkpoint_state(self, epoch_finished: bool) -> dict:
+        """The whole run state as plain data. A collective call under DDP (gathers per-rank RNG)."""
+        rank_state = {"rng": capture_rng(), "epoch_totals": self.epoch_totals}
+        if self.dist.enabled:
+            ranks = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(ranks, rank_state)
+        else:
+            ranks = [rank_state]
+        scaler = getattr(self, "scaler", None)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "torch_version": torch.__version__,
+            "arch": type(unwrap_model(self.model)).__name__,
+            "config": self.config,
+            "state_dict": unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "epoch": self.epoch,
+            "epoch_finished": epoch_finished,
+            "batch_in_epoch": self.batch_in_epoch,
+            "samples_in_epoch": self.samples_in_epoch,
+            "global_step": self.global_step,
+            "monitor_best": self.monitor_best,
+            "not_improved_count": self.not_improved_count,
+            "best_epoch": self.best_epoch,
+            "data_order": {"seed": self.config["seed"], "epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch},
+            "world_size": self.dist.world_size,
+            "ranks": ranks,
+        }
+
+    def _write(self, state: dict, name: str) -> Path | None:
+        if not self.dist.is_main or self.checkpoint_dir is None:
+            return None
+        path = save_checkpoint(state, self.checkpoint_dir / name)
+        self.logger.debug(f"saved {path}")
+        return path
+
+    def _link(self, source: Path, name: str) -> None:
+        """Another name for a just-written checkpoint, without serialising it again (atomic)."""
+        target = self.checkpoint_dir / name
+        temp = target.with_name(f"{name}.tmp-{os.getpid()}")
+        try:
+            os.link(source, temp)
+        except OSError:
+            shutil.copyfile(source, temp)
+        os.replace(temp, target)
+
+    def save_mid_epoch(self) -> None:
+        self._write(self.checkpoint_state(epoch_finished=False), "last.pth")
+
+    def _save_epoch(self, epoch: int, improved: bool) -> None:
+        state = self.checkpoint_state(epoch_finished=True)
+        last = self._write(state, "last.pth")
+        if last is None:
+            return
+        if self.save_period and epoch % self.save_period == 0:
+            self._link(last, f"epoch-{epoch}.pth")
+            self._prune_periodic()
+        if improved:
+            self._link(last, "best.pth")
+            self.logger.info(f"saved best checkpoint ({self.monitor_metric} {self.monitor_best:.4f})")
+
+    def _prune_periodic(self) -> None:
+        if not self.keep_last:
+            return
+        periodic = sorted(self.checkpoint_dir.glob("epoch-*.pth"), key=lambda p: int(p.stem.split("-")[1]))
+        for old in periodic[: -self.keep_last]:
+            old.unlink()
+
+    def resume(self, state: dict) -> None:
+        """Continue exactly where `state` (a loaded checkpoint) stopped."""
+        load_model_state(self.model, state["state_dict"], strict=True, source="resume checkpoint")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        scaler = getattr(self, "scaler", None)
+        if scaler is not None and scaler.is_enabled() and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.monitor_best, self.not_improved_count = state["monitor_best"], state["not_improved_count"]
+        self.best_epoch = state["best_epoch"]
+        if state["epoch_finished"]:
+            self.start_epoch = self.epoch + 1
+        else:
+            self.start_epoch = self.epoch
+            self.batch_in_epoch, self.samples_in_epoch = state["batch_in_epoch"], state["samples_in_epoch"]
+        ranks = state["ranks"]
+        if len(ranks) == self.dist.world_size:
+            mine = ranks[self.dist.rank]
+            restore_rng(mine["rng"])
+            self.epoch_totals = mine["epoch_totals"] if not state["epoch_finished"] else None
+        else:
+            # A different number of processes: RNG streams cannot carry over; derive new ones, and
+            # keep the epoch's running sums whole on rank 0 so its averages stay right.
+            torch.manual_seed(mix_seed(self.config["seed"], self.dist.rank, self.global_step))
+            totals = [r["epoch_totals"] for r in ranks if r["epoch_totals"] is not None]
+            if totals and not state["epoch_finished"]:
+                summed = {k: sum(t[k] for t in totals) for k in totals[0]}
+                self.epoch_totals = summed if self.dist.is_main else {k: torch.zeros_like(v) for k, v in summed.items()}
+            self.logger.warning(f"resuming a {len(ranks)}-process checkpoint with {self.dist.world_size} "
+                                f"process(es): the data order is kept, random streams start anew")
+        where = "end" if state["epoch_finished"] else f"batch {self.batch_in_epoch}"
+        self.logger.info(f"resumed at epoch {self.epoch} {where}, step {self.global_step}")

@@ -1,0 +1,127 @@
+"""Config: read (JSON/YAML), override, validate whole, and only then hand out a plain dict.
+
+Loading a config has no side effects: no directories, no files, no seeding.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from config.files import apply_overrides, read_config_file
+from config.registry import check_args, default_of, resolve
+from config.schema import is_known_path, validate
+from errors import ConfigError
+
+__all__ = ["load_config", "check_config", "metric_names"]
+
+NESTED_SCHEDULERS = ("SequentialLR", "ChainedScheduler")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
+    """Read `path`, apply `key.path=value` overrides, validate; raise ConfigError listing every problem."""
+    raw = read_config_file(path)
+    raw = apply_overrides(raw, list(overrides), known=is_known_path)
+    return check_config(raw, source=str(path))
+
+
+def check_config(raw: dict, source: str = "config") -> dict:
+    problems: list[str] = []
+    config = validate(raw, problems)
+    _check_types(config, problems)
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    return config
+
+
+def _check_typed(config: dict, section: str, problems: list[str], injected: tuple[str, ...] = (),
+                 where: str | None = None, registry: str | None = None, skip_positional: int = 0):
+    spec = config.get(section)
+    where = where or section
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        return None
+    target, problem = resolve(registry or section, spec["type"], f"{where}.type")
+    if problem:
+        problems.append(problem)
+        return None
+    if isinstance(target, str):  # a torchvision model: its **kwargs go to the model class
+        return target
+    if isinstance(spec.get("args"), dict):
+        spec["args"], found = check_args(target, spec["args"], f"{where}.args", injected, skip_positional)
+        problems.extend(found)
+    return target
+
+
+def _check_types(config: dict, problems: list[str]) -> None:
+    _check_typed(config, "arch", problems)
+    arch = config.get("arch")
+    if isinstance(arch, dict) and isinstance(arch.get("init"), dict):
+        _check_typed(arch, "init", problems, where="arch.init", skip_positional=1)
+    loader_cls = _check_typed(config, "data_loader", problems)
+    _check_typed(config, "optimizer", problems, injected=("params",))
+    loss = config.get("loss")
+    if isinstance(loss, str):
+        _, problem = resolve("loss", loss, "loss")
+        if problem:
+            problems.append(problem)
+    elif isinstance(loss, dict):
+        _check_typed(config, "loss", problems, skip_positional=2)
+    for i, name in enumerate(config.get("metrics") or []):
+        _, problem = resolve("metrics", name, f"metrics[{i}]")
+        if problem:
+            problems.append(problem)
+    _check_scheduler(config.get("lr_scheduler"), "lr_scheduler", problems)
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict):
+        _, problem = resolve("trainer", trainer.get("type"), "trainer.type")
+        if problem:
+            problems.append(problem)
+        _check_monitor(config, loader_cls, problems)
+
+
+def _check_scheduler(spec, where: str, problems: list[str]) -> None:
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        return
+    if spec["type"] in NESTED_SCHEDULERS and isinstance(spec.get("args"), dict):
+        inner = spec["args"].get("schedulers")
+        if not isinstance(inner, list) or not inner:
+            problems.append(f"{where}.args.schedulers: expected a list of {{type, args}}")
+        else:
+            for i, item in enumerate(inner):
+                if not isinstance(item, dict) or set(item) - {"type", "args"} or "type" not in item:
+                    problems.append(f"{where}.args.schedulers[{i}]: expected {{type, args}}, got {item!r}")
+                    continue
+                item.setdefault("args", {})
+                _check_scheduler(item, f"{where}.args.schedulers[{i}]", problems)
+        rest = {k: v for k, v in spec["args"].items() if k != "schedulers"}
+        target, problem = resolve("lr_scheduler", spec["type"], f"{where}.type")
+        if target is not None:
+            rest, found = check_args(target, rest, f"{where}.args", injected=("optimizer", "schedulers"))
+            problems.extend(found)
+            spec["args"] = {**rest, "schedulers": inner}
+        return
+    holder = {"lr_scheduler": spec}
+    _check_typed(holder, "lr_scheduler", problems, injected=("optimizer",), where=where)
+
+
+def metric_names(config: dict, loader_cls=None) -> list[str]:
+    """Every name a run logs per epoch: loss and metrics, and val_ versions when there is a split."""
+    names = ["loss"] + list(config.get("metrics") or [])
+    args = config["data_loader"].get("args", {})
+    split = args.get("validation_split", default_of(loader_cls, "validation_split", 0.0) if loader_cls else 0.0)
+    if split:
+        names += [f"val_{name}" for name in names]
+    return names
+
+
+def _check_monitor(config: dict, loader_cls, problems: list[str]) -> None:
+    monitor = config["trainer"].get("monitor")
+    if not isinstance(monitor, str) or monitor == "off" or loader_cls is None:
+        return
+    mode, _, metric = monitor.partition(" ")
+    if mode not in ("min", "max") or not metric:
+        return
+    produced = metric_names(config, loader_cls)
+    if metric.strip() not in produced:
+        hint = "" if any(n.startswith("val_") for n in produced) else \
+            " (there is no validation split: set data_loader.args.validation_split)"
+        problems.append(f"trainer.monitor: the run never produces {metric.strip()!r}; it logs "
+                        f"{', '.join(produced)}{hint}")

@@ -1,0 +1,146 @@
+"""Reading config files (JSON or YAML, by extension) and applying `key.path=value` overrides.
+
+Both spellings are read strictly: duplicate keys are errors, JSON's NaN/Infinity are refused, and
+YAML reads `1e-3` as the number it looks like (PyYAML follows YAML 1.1, where it is a string).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from errors import ConfigError
+
+SUFFIXES = (".json", ".yaml", ".yml")
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and reads YAML 1.2 floats (`1e-3`) as numbers."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key {key!r} (line {seen[key]} and line {key_node.start_mark.line + 1})"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1's float pattern requires a dot in the mantissa, so `1e-3` would stay a string.
+_StrictYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+_StrictYamlLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictYamlLoader.construct_mapping
+)
+
+
+def _json_pairs(pairs: list) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _json_constant(name: str):
+    raise ConfigError(f"{name} is not a valid number in a config")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Parse a config file into a plain dict; every problem becomes a ConfigError naming the file."""
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise ConfigError(f"{path}: unsupported config extension {path.suffix!r} (use .json, .yaml or .yml)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__}: {exc})") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text, object_pairs_hook=_json_pairs, parse_constant=_json_constant)
+        else:
+            data = yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level of a config must be a mapping, not {type(data).__name__}")
+    return data
+
+
+def parse_scalar(text: str) -> Any:
+    """Read a command-line value with YAML scalar rules (`3` -> 3, `1e-3` -> 0.001, `[1,2]` -> list)."""
+    try:
+        return yaml.load(text, Loader=_StrictYamlLoader) if text.strip() else text  # noqa: S506
+    except (yaml.YAMLError, ConfigError):
+        return text
+
+
+def _suggest(word: str, candidates) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def apply_overrides(config: dict, overrides: list[str], known: "callable | None" = None) -> dict:
+    """Return a copy of `config` with each `a.b.c=value` applied; list items are addressed by index.
+
+    `known(path)` answers whether a key path that is absent from the config is a valid key; it
+    lets `trainer.keep_last=3` set a key the file left at its default.
+    """
+    config = copy.deepcopy(config)
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {item!r}: expected key.path=value")
+            continue
+        parts = key.split(".")
+        node: Any = config
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                    problems.append(f"override {key}: {where}: no list item {part} (the list has {len(node)})")
+                    break
+                part = int(part)
+            elif isinstance(node, dict):
+                if part not in node:
+                    if known is not None and known(parts[: depth + 1]):
+                        if not last:
+                            node[part] = {}
+                    else:
+                        problems.append(f"override {key}: unknown key {where!r}{_suggest(part, node.keys())}")
+                        break
+            else:
+                problems.append(f"override {key}: {'.'.join(parts[:depth])} is a value, not a mapping")
+                break
+            if last:
+                node[part] = parse_scalar(raw)
+            else:
+                if isinstance(node, dict) and node.get(part) is None and known is not None and known(parts[: depth + 1]):
+                    node[part] = {}
+                node = node[part]
+    if problems:
+        raise ConfigError(problems)
+    return config

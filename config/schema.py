@@ -1,0 +1,258 @@
+"""The config schema as data: every key, its type, default and meaning.
+
+`validate` checks a raw config against it and returns a new dict with defaults filled in; it
+collects every problem before raising, so one run shows the user all of them. `docs/CONFIG.md` is
+generated from this table (`python -m config.schema`) and a test keeps the two equal.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+REQUIRED = object()
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: str  # str | int | float | bool | list | dict | section | loss
+    doc: str
+    default: Any = REQUIRED
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    keys: dict = field(default_factory=dict)  # for kind == "section"
+    item: str | None = None  # item kind for lists
+    nullable: bool = False  # None is a valid value (an optional section or number)
+
+
+def _typed(what: str, extra: dict | None = None, optional: bool = False) -> Key:
+    keys = {
+        "type": Key("str", f"name of the {what} class or function"),
+        "args": Key("dict", "keyword arguments of its constructor, checked against its signature", {}),
+    }
+    keys.update(extra or {})
+    return Key("section", f"the {what}: {{type, args}}", None if optional else REQUIRED, keys=keys,
+               nullable=optional)
+
+
+SCHEMA: dict[str, Key] = {
+    "name": Key("str", "run name; the run directory is <save_dir>/<name>/<run_id>"),
+    "n_gpu": Key("int", "pytorch-template compatibility: 0 forces the CPU; more than 1 needs torchrun", None,
+                 minimum=0, nullable=True),
+    "device": Key("str", "auto | cpu | cuda | cuda:N | mps (auto: cuda if available, else mps, else cpu)", "auto"),
+    "seed": Key("int", "seeds Python, NumPy, torch, the data order and the DataLoader workers", 0, minimum=0),
+    "arch": _typed("model (a class in model/ or a torchvision.models name)", {
+        "init": Key("section", "weight initialisation applied with model.apply before the optimizer is built",
+                    None, nullable=True, keys={
+                        "type": Key("str", "kaiming_normal | kaiming_uniform | xavier_normal | xavier_uniform | "
+                                           "normal | trunc_normal | orthogonal | zeros"),
+                        "args": Key("dict", "keyword arguments of the torch.nn.init function", {}),
+                    }),
+        "pretrained": Key("str", "checkpoint whose state_dict initialises the model (fine-tuning)", None,
+                          nullable=True),
+        "strict": Key("bool", "with pretrained: false loads only matching keys and logs the others", True),
+    }),
+    "data_loader": _typed("data loader (a BaseDataLoader subclass in data_loader/)"),
+    "optimizer": _typed("optimizer (a torch.optim class); params are passed by the builder"),
+    "loss": Key("loss", "name of a function in model/loss.py, or {type, args} to bind keyword arguments"),
+    "metrics": Key("list", "names of functions in model/metric.py", [], item="str"),
+    "lr_scheduler": _typed("LR scheduler (a torch.optim.lr_scheduler class); optimizer is passed by the builder", {
+        "interval": Key("str", "step the scheduler every epoch or every optimizer step", "epoch",
+                        choices=("epoch", "step")),
+    }, optional=True),
+    "trainer": Key("section", "the training loop", REQUIRED, keys={
+        "type": Key("str", "trainer class (a BaseTrainer subclass in trainer/)", "Trainer"),
+        "epochs": Key("int", "number of epochs", minimum=1),
+        "save_dir": Key("str", "root of the run directories (relative to the working directory)", "saved/"),
+        "save_period": Key("int", "write checkpoints/epoch-<N>.pth every N epochs (0: never)", 1, minimum=0),
+        "keep_last": Key("int", "keep only the K newest epoch-<N>.pth (0: keep all); last/best are kept", 0,
+                         minimum=0),
+        "save_every_steps": Key("int", "also write last.pth every N optimizer steps (0: only at epoch end)", 0,
+                                minimum=0),
+        "verbosity": Key("int", "0: warnings, 1: info, 2: debug", 2, minimum=0, maximum=2),
+        "monitor": Key("str", "'min <metric>' or 'max <metric>' (e.g. 'max val_accuracy'), or 'off'", "off"),
+        "early_stop": Key("int", "stop after N epochs without improvement of the monitored metric (0: never)", 0,
+                          minimum=0),
+        "tensorboard": Key("bool", "write TensorBoard event files into the run directory", True),
+        "log_every_steps": Key("int", "log the training loss every N optimizer steps", 50, minimum=1),
+        "histograms": Key("bool", "weight and gradient histograms once per epoch", True),
+        "images": Key("bool", "a grid of input samples with true/predicted labels once per epoch", True),
+        "amp": Key("str", "mixed precision: off | bf16 | fp16 (fp16 uses a GradScaler)", "off",
+                   choices=("off", "bf16", "fp16")),
+        "accumulate_grad_batches": Key("int", "optimizer step every k micro-batches", 1, minimum=1),
+        "clip_grad_norm": Key("float", "clip the total gradient norm to this value", None, minimum=0,
+                              exclusive_minimum=True, nullable=True),
+        "clip_grad_value": Key("float", "clip each gradient element to [-v, v]", None, minimum=0,
+                               exclusive_minimum=True, nullable=True),
+        "deterministic": Key("bool", "torch.use_deterministic_algorithms(True)", False),
+        "compile": Key("bool", "torch.compile the model (checkpoints keep eager key names)", False),
+        "sync_batchnorm": Key("bool", "convert BatchNorm to SyncBatchNorm under torchrun", False),
+        "ddp_backend": Key("str", "torch.distributed backend under torchrun: auto (nccl on CUDA, else gloo), "
+                                  "gloo or nccl", "auto", choices=("auto", "gloo", "nccl")),
+        "watch": Key("section", "forward/backward hooks recording activation and gradient statistics", None,
+                     nullable=True, keys={
+                         "modules": Key("list", "fnmatch patterns over named_modules names", ["*"], item="str"),
+                         "every_steps": Key("int", "record every N optimizer steps", 100, minimum=1),
+                     }),
+        "freeze": Key("section", "freeze submodules (get_submodule) for the first epochs", None, nullable=True,
+                      keys={
+                          "modules": Key("list", "submodule names, as in named_modules", item="str"),
+                          "until_epoch": Key("int", "unfrozen from this epoch on", minimum=1),
+                      }),
+    }),
+}
+
+
+def _kind_ok(kind: str, value: Any) -> tuple[bool, Any]:
+    """Check (and where safe, coerce) a value; returns (ok, value)."""
+    if kind == "str":
+        return isinstance(value, str), value
+    if kind == "bool":
+        return isinstance(value, bool), value
+    if kind in ("int", "float"):
+        if isinstance(value, str):  # a number YAML 1.1 left as a string, or one typed on the command line
+            try:
+                number = float(value)
+            except ValueError:
+                return False, value
+            value = int(number) if kind == "int" and number.is_integer() else number
+        if isinstance(value, bool):
+            return False, value
+        if kind == "int":
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            return isinstance(value, int), value
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return True, float(value)
+        return False, value
+    if kind == "list":
+        return isinstance(value, list), value
+    if kind in ("dict", "section"):
+        return isinstance(value, dict), value
+    if kind == "loss":
+        return isinstance(value, (str, dict)), value
+    raise AssertionError(kind)
+
+
+KIND_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+              "list": "a list", "dict": "a mapping", "section": "a mapping", "loss": "a name or {type, args}"}
+
+
+def suggest(word: str, candidates) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _validate_section(raw: dict, keys: dict[str, Key], path: str, problems: list[str]) -> dict:
+    out = {}
+    for name in raw:
+        if name not in keys:
+            where = f"{path}.{name}" if path else str(name)
+            problems.append(f"{where}: unknown key{suggest(name, keys)}")
+    for name, key in keys.items():
+        where = f"{path}.{name}" if path else name
+        if name not in raw:
+            if key.default is REQUIRED:
+                problems.append(f"{where}: missing required key ({key.doc})")
+            elif key.kind == "section" and key.default is not None:
+                out[name] = _validate_section({}, key.keys, where, problems)
+            else:
+                out[name] = _copy(key.default)
+            continue
+        out[name] = _validate_value(raw[name], key, where, problems)
+    return out
+
+
+def _copy(value):
+    return [*value] if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
+
+
+def _validate_value(value: Any, key: Key, where: str, problems: list[str]) -> Any:
+    if value is None and key.nullable:
+        return None
+    ok, value = _kind_ok(key.kind, value)
+    if not ok:
+        problems.append(f"{where}: expected {KIND_NAMES[key.kind]}, got {value!r}")
+        return value
+    if key.kind == "section":
+        return _validate_section(value, key.keys, where, problems)
+    if key.kind == "loss" and isinstance(value, dict):
+        return _validate_section(value, {"type": Key("str", ""), "args": Key("dict", "", {})}, where, problems)
+    if key.kind == "list" and key.item:
+        for i, item in enumerate(value):
+            item_ok, _ = _kind_ok(key.item, item)
+            if not item_ok:
+                problems.append(f"{where}[{i}]: expected {KIND_NAMES[key.item]}, got {item!r}")
+    if key.choices and value not in key.choices:
+        problems.append(f"{where}: {value!r} is not one of {', '.join(key.choices)}{suggest(value, key.choices)}")
+    if key.minimum is not None and (value <= key.minimum if key.exclusive_minimum else value < key.minimum):
+        problems.append(f"{where}: {value} must be {'>' if key.exclusive_minimum else '>='} {key.minimum}")
+    if key.maximum is not None and value > key.maximum:
+        problems.append(f"{where}: {value} must be <= {key.maximum}")
+    return value
+
+
+def validate(raw: dict, problems: list[str]) -> dict:
+    """Check `raw` against SCHEMA; append problems; return the config with defaults filled in."""
+    config = _validate_section(raw, SCHEMA, "", problems)
+    name = config.get("name")
+    if isinstance(name, str) and not NAME_RE.match(name) or name in (".", ".."):
+        problems.append(f"name: {name!r} must be a plain directory name (letters, digits, _ . -; no / or ..)")
+    monitor = config.get("trainer", {}).get("monitor")
+    if isinstance(monitor, str) and monitor != "off":
+        mode, _, metric = monitor.partition(" ")
+        if mode not in ("min", "max") or not metric.strip():
+            problems.append(f"trainer.monitor: {monitor!r} must be 'min <metric>', 'max <metric>' or 'off'")
+    return config
+
+
+def is_known_path(parts: list[str]) -> bool:
+    """Is `a.b.c` a key of the schema (used to let overrides set keys absent from the file)?"""
+    keys, key = SCHEMA, None
+    for i, part in enumerate(parts):
+        if key is not None and key.kind in ("dict",) or (key is not None and key.kind == "loss"):
+            return True  # free-form constructor arguments: checked later against the signature
+        if keys is None or part not in keys:
+            return False
+        key = keys[part]
+        keys = key.keys if key.kind == "section" else None
+    return True
+
+
+def reference_rows(keys: dict[str, Key] | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) for every key, depth first, for docs/CONFIG.md."""
+    rows = []
+    for name, key in (keys or SCHEMA).items():
+        path = f"{prefix}{name}"
+        default = "required" if key.default is REQUIRED else repr(key.default) if key.default is not None else "null"
+        kind = key.kind + (f" of {key.item}" if key.item else "")
+        rows.append((path, kind, default, key.doc))
+        if key.kind == "section":
+            rows.extend(reference_rows(key.keys, path + "."))
+    return rows
+
+
+def render_reference() -> str:
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from `config/schema.py` by `python -m config.schema > docs/CONFIG.md`; a test keeps",
+        "the two equal. JSON and YAML are two spellings of this one schema. `args` mappings are the",
+        "keyword arguments of the named constructor and are checked against its signature.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for path, kind, default, doc in reference_rows():
+        doc = doc.replace("|", "\\|")
+        lines.append(f"| `{path}` | {kind} | `{default}` | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_reference(), end="")

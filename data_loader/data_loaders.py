@@ -1,0 +1,91 @@
+"""Data loaders: each builds its Dataset(s) and hands them to BaseDataLoader.
+
+`training=False` selects the test split; test.py passes it with shuffle off and no validation split.
+"""
+from __future__ import annotations
+
+from base import BaseDataLoader
+from data_loader.datasets import DigitsDataset, ImageFileDataset, TorchvisionDataset
+
+
+class DigitsDataLoader(BaseDataLoader):
+    """scikit-learn's 8x8 digits; offline, in memory."""
+
+    def __init__(self, batch_size: int = 64, shuffle: bool = True, validation_split: float | int = 0.1,
+                 num_workers: int = 0, training: bool = True, pin_memory: bool = False):
+        self.dataset = DigitsDataset(train=training)
+        super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers, pin_memory=pin_memory)
+
+
+def _mnist_transform():
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+
+
+class MnistDataLoader(BaseDataLoader):
+    """MNIST through torchvision (same arguments as pytorch-template's MnistDataLoader)."""
+
+    dataset_name = "MNIST"
+
+    def __init__(self, data_dir: str, batch_size: int, shuffle: bool = True, validation_split: float | int = 0.0,
+                 num_workers: int = 1, training: bool = True, download: bool = True, pin_memory: bool = False):
+        self.data_dir = data_dir
+        self.dataset = TorchvisionDataset(self.dataset_name, data_dir, train=training,
+                                          transform=_mnist_transform(), download=download)
+        super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers, pin_memory=pin_memory)
+
+
+class FashionMnistDataLoader(MnistDataLoader):
+    """Fashion-MNIST through torchvision (same file format as MNIST, under <data_dir>/FashionMNIST/raw)."""
+
+    dataset_name = "FashionMNIST"
+
+
+class Cifar10DataLoader(BaseDataLoader):
+    """CIFAR-10 through torchvision; random crop and flip for training, none for validation and test."""
+
+    MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+    def __init__(self, data_dir: str, batch_size: int, shuffle: bool = True, validation_split: float | int = 0.0,
+                 num_workers: int = 2, training: bool = True, augment: bool = True, download: bool = True,
+                 pin_memory: bool = False):
+        from torchvision import transforms
+
+        plain = [transforms.ToTensor(), transforms.Normalize(self.MEAN, self.STD)]
+        augmenting = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] + plain
+        train_transform = transforms.Compose(augmenting if training and augment else plain)
+        self.dataset = TorchvisionDataset("CIFAR10", data_dir, train=training, transform=train_transform,
+                                          download=download)
+        valid = TorchvisionDataset("CIFAR10", data_dir, train=training, transform=transforms.Compose(plain),
+                                   download=False)
+        super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers, valid_dataset=valid,
+                         pin_memory=pin_memory)
+
+
+class ImageFolderDataLoader(BaseDataLoader):
+    """Your own images, read lazily: a folder per class under `data_dir`, or `csv_file` rows `path,label`.
+
+    test.py (training=False) reads `test_dir` or `test_csv_file` with the training classes.
+    """
+
+    def __init__(self, data_dir: str, batch_size: int, image_size: int = 32, grayscale: bool = False,
+                 csv_file: str | None = None, test_dir: str | None = None, test_csv_file: str | None = None,
+                 shuffle: bool = True, validation_split: float | int = 0.1, num_workers: int = 2,
+                 training: bool = True, augment: bool = False, pin_memory: bool = False):
+        from torchvision import transforms
+
+        plain = [transforms.Resize((image_size, image_size)), transforms.ToTensor()]
+        augmenting = [transforms.RandomHorizontalFlip()] + plain
+        train_transform = transforms.Compose(augmenting if augment and training else plain)
+        classes = ImageFileDataset(data_dir, csv_file, grayscale=grayscale).classes
+        if training:
+            root, csv_path = data_dir, csv_file
+        else:
+            if test_dir is None and test_csv_file is None:
+                raise ValueError("the test split needs test_dir or test_csv_file in data_loader.args")
+            root, csv_path = test_dir or data_dir, test_csv_file
+        self.dataset = ImageFileDataset(root, csv_path, train_transform, grayscale, classes)
+        valid = ImageFileDataset(root, csv_path, transforms.Compose(plain), grayscale, classes)
+        super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers, valid_dataset=valid,
+                         pin_memory=pin_memory)

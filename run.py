@@ -1,0 +1,186 @@
+"""What `python train.py` does, step by step. Validation comes first and nothing is written
+until the config, the model, the data and the optimizer have all been built."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from config import check_config, load_config
+from config.files import apply_overrides
+from config.schema import is_known_path
+from errors import ConfigError, Interrupted
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if args.lr is not None:
+        extra.append(f"optimizer.args.lr={args.lr!r}")
+    if args.bs is not None:
+        extra.append(f"data_loader.args.batch_size={args.bs}")
+    if args.device is not None:
+        extra.append(f"device={args.device}")
+    return list(args.overrides) + extra
+
+
+def _resolve_config(args: argparse.Namespace):
+    """(config, resume state or None, run directory to continue or None, source suffix)."""
+    overrides = _overrides(args)
+    if not args.resume:
+        return load_config(args.config, overrides), None, None, Path(args.config).suffix.lower()
+    from checkpoint import find_resume_checkpoint, load_checkpoint
+    from runtime.run_dir import locate_resume
+
+    target, run_dir = locate_resume(args.resume)
+    notes = []
+    if target.is_dir():
+        path, state, notes = find_resume_checkpoint(target)
+    else:
+        path, state = target, load_checkpoint(target)
+    if args.config:
+        config = load_config(args.config, overrides)
+    else:
+        config = check_config(apply_overrides(state["config"], overrides, known=is_known_path),
+                              source=f"{path} (config)")
+    suffix = ".json" if run_dir is not None and (run_dir / "config.json").exists() else ".yaml"
+    return config, {"state": state, "path": path, "notes": notes}, run_dir, suffix
+
+
+def train_run(args: argparse.Namespace) -> int:
+    config, resume, run_dir, suffix = _resolve_config(args)
+    if args.print_config:
+        print(json.dumps(config, indent=2) if suffix == ".json" else _yaml(config), end="")
+        return 0
+    if args.run_id:
+        from runtime.run_dir import check_run_id
+
+        check_run_id(args.run_id)
+
+    import torch
+
+    from base import model_summary
+    from checkpoint import sweep_temporaries
+    from config.build import (build_data_loaders, build_loss, build_lr_scheduler, build_metrics, build_model,
+                              build_optimizer, trainer_class)
+    from logger import get_logger, make_writer, setup_logging
+    from runtime.device import check_amp, resolve_device
+    from runtime.distributed import broadcast_object, init_distributed, shutdown
+    from runtime.run_dir import config_changes, create_run_dir, run_root, write_config
+    from runtime.seeding import seed_everything
+    from runtime.signals import StopSignal
+
+    cfg = config["trainer"]
+    dist = init_distributed(cfg["ddp_backend"], config["device"], config.get("n_gpu"))
+    try:
+        device = resolve_device(config["device"], config.get("n_gpu"), dist.local_rank if dist.enabled else None)
+        check_amp(cfg["amp"], device)
+        seed_everything(config["seed"], cfg["deterministic"])
+        model = build_model(config)
+        train_loader, valid_loader = build_data_loaders(config, dist.rank, dist.world_size)
+        model = model.to(device)
+        optimizer = build_optimizer(config, model)
+        lr_scheduler = build_lr_scheduler(config.get("lr_scheduler"), optimizer)
+        criterion, metric_fns = build_loss(config), build_metrics(config)
+        if args.dry_run:
+            return _dry_run(model, train_loader, criterion, optimizer, device, config, args, run_dir)
+
+        # ---- side effects start here ----
+        if run_dir is None:
+            run_dir = create_run_dir(config, args.run_id) if dist.is_main else None
+            run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
+        logger = setup_logging(run_dir, cfg["verbosity"], dist.is_main)
+        if dist.is_main:
+            for temp in sweep_temporaries(run_dir / "checkpoints"):
+                logger.info(f"removed {temp.name} left by an interrupted save")
+            write_config(config, run_dir, suffix)
+        logger.info(f"run directory: {run_dir}")
+        logger.info(model_summary(model))
+        if dist.enabled:
+            model = _wrap_distributed(model, device, cfg["sync_batchnorm"])
+        if cfg["compile"]:
+            model = torch.compile(model)
+        if dist.enabled and dist.rank != 0:
+            # Per-rank random streams (dropout) differ; the model was initialised identically above.
+            from data_loader.sampler import mix_seed
+
+            torch.manual_seed(mix_seed(config["seed"], dist.rank))
+        purge = resume["state"]["global_step"] + 1 if resume else None
+        writer = make_writer(run_dir, cfg["tensorboard"] and dist.is_main, purge_step=purge)
+        stop = StopSignal().install()
+        trainer = trainer_class(config)(model, criterion, metric_fns, optimizer, config, device, train_loader,
+                                        valid_loader, lr_scheduler, run_dir=run_dir, writer=writer, dist=dist,
+                                        stop_signal=stop)
+        if resume:
+            for note in resume["notes"]:
+                logger.warning(f"skipped {note}")
+            logger.info(f"resuming from {resume['path']}")
+            trainer.resume(resume["state"])
+            _apply_resume_overrides(resume["state"]["config"], config, optimizer, logger)
+        try:
+            result = trainer.train()
+        finally:
+            stop.uninstall()
+            writer.close()
+        _summary(logger, config, run_dir, trainer, result)
+        return 0
+    finally:
+        shutdown()
+
+
+def _yaml(config: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def _wrap_distributed(model, device, sync_batchnorm: bool):
+    import torch
+
+    if sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _apply_resume_overrides(saved: dict, config: dict, optimizer, logger) -> None:
+    """Changes given on resume are applied and logged; optimizer arguments reach the param groups."""
+    from runtime.run_dir import config_changes
+
+    for key, old, new in config_changes(saved, config):
+        logger.info(f"resume override: {key}: {old!r} -> {new!r}")
+        if key.startswith("optimizer.args."):
+            name = key.split(".", 2)[2]
+            for group in optimizer.param_groups:
+                if name in group:
+                    group[name] = new
+                    if name == "lr" and "initial_lr" in group:
+                        group["initial_lr"] = new
+
+
+def _dry_run(model, loader, criterion, optimizer, device, config, args, run_dir) -> int:
+    from base import model_summary
+    from runtime.run_dir import new_run_id, run_root
+
+    model.train()
+    loader.set_epoch(1)
+    data, target = next(iter(loader))
+    optimizer.zero_grad()
+    loss = criterion(model(data.to(device)), target.to(device))
+    loss.backward()
+    print(model_summary(model))
+    print(f"one batch: input {tuple(data.shape)}, loss {loss.item():.4f}, backward ok")
+    where = run_dir or run_root(config) / (args.run_id or f"<timestamp like {new_run_id()}>")
+    print(f"run directory (not created): {where}")
+    return 0
+
+
+def _summary(logger, config: dict, run_dir: Path, trainer, result: dict) -> None:
+    logger.info(f"finished: run directory {run_dir}")
+    if trainer.monitor_mode != "off" and result["best_epoch"]:
+        logger.info(f"best {trainer.monitor_metric}: {result['monitor_best']:.4f} at epoch {result['best_epoch']}")
+    checkpoints = run_dir / "checkpoints"
+    best = checkpoints / ("best.pth" if (checkpoints / "best.pth").exists() else "last.pth")
+    logger.info(f"checkpoints: {checkpoints}")
+    logger.info(f"evaluate:    python test.py -r {best}")
+    logger.info(f"tensorboard: tensorboard --logdir {config['trainer']['save_dir']}")

@@ -1,0 +1,1 @@
+"""Process-level setup: device, torchrun/DDP, seeding and stop signals."""

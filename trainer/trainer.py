@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from base import BaseTrainer
+from checkpoint import unwrap_model
+from errors import Interrupted, TrainingError
+from logger import Progress
+from runtime.distributed import all_reduce
+
+
+class Trainer(BaseTrainer):
+    """Supervised training: (input, target) batches, a loss, metrics averaged over samples."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.config["trainer"]
+        self.log_every = cfg["log_every_steps"]
+        self.save_every = cfg["save_every_steps"]
+        self.accumulate = cfg["accumulate_grad_batches"]
+        self.clip_norm, self.clip_value = cfg["clip_grad_norm"], cfg["clip_grad_value"]
+        amp = cfg["amp"]
+        self.autocast = torch.autocast(self.device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                                       enabled=amp != "off")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        self.metric_names = ["loss"] + [fn.__name__ for fn in self.metric_fns]
+        self.histograms = cfg["histograms"] and self.writer.enabled
+
+    def _new_totals(self) -> dict:
+        return {name: torch.zeros((), dtype=torch.float64, device=self.device) for name in self.metric_names + ["n"]}
+
+    def _accumulate(self, totals: dict, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> None:
+        # Weighted by batch size and kept on the device: the host syncs once per epoch, not per step.
+        n = target.shape[0]
+        totals["loss"] += loss.detach() * n
+        for fn in self.metric_fns:
+            totals[fn.__name__] += fn(output, target) * n
+        totals["n"] += n
+
+    def _averages(self, totals: dict, reduce: bool = False) -> dict:
+        if reduce and self.dist.enabled:
+            stacked = all_reduce(torch.stack([totals[k] for k in self.metric_names + ["n"]]))
+            totals = dict(zip(self.metric_names + ["n"], stacked))
+        n = max(totals["n"].item(), 1.0)
+        return {name: totals[name].item() / n for name in self.metric_names}
+
+    def _train_epoch(self, epoch: int) -> dict:
+        self.model.train()
+        self.data_loader.set_epoch(epoch, start=self.samples_in_epoch)
+        total = self.batch_in_epoch + len(self.data_loader)
+        totals = self._new_totals()
+        if self.epoch_totals is not None:  # resumed mid-epoch: continue the epoch's running sums
+            for k, v in self.epoch_totals.items():
+                totals[k] += v.to(self.device)
+        self.epoch_totals = totals
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        progress = Progress(self.data_loader, total, f"epoch {epoch}", self.dist.is_main and self.verbosity > 0,
+                            initial=self.batch_in_epoch)
+        progress.postfix = lambda: {k: totals[k].item() / max(totals["n"].item(), 1) for k in self.metric_names}
+        started, samples = time.perf_counter(), 0
+        for data, target in progress:
+            data, target = data.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
+            group_start = self.batch_in_epoch - self.batch_in_epoch % self.accumulate
+            group_size = min(self.accumulate, total - group_start)  # the last group of an epoch may be short
+            last_in_group = self.batch_in_epoch + 1 == group_start + group_size
+            if self.batch_in_epoch == group_start:
+                self.optimizer.zero_grad(set_to_none=True)
+            with self._no_sync(not last_in_group), self.autocast:
+                output = self.model(data)
+                loss = self.criterion(output, target)
+            # Dividing by the group size makes k micro-batches of b the same update as one batch of k*b.
+            self.scaler.scale(loss / group_size).backward()
+            self._accumulate(totals, loss, output.detach(), target)
+            nonfinite |= ~torch.isfinite(loss.detach())
+            self.batch_in_epoch += 1
+            self.samples_in_epoch += target.shape[0] * self.dist.world_size
+            samples += target.shape[0]
+            if last_in_group:
+                self._optimizer_step(nonfinite)
+                self.on_batch_end(self.batch_in_epoch - 1, loss)
+                if self.global_step % self.log_every == 0:
+                    self.writer.add_scalar("loss/train_step", loss.detach(), self.global_step)
+                if self.save_every and self.global_step % self.save_every == 0 and self.batch_in_epoch < total:
+                    self.save_mid_epoch()
+                if self._stop_requested():
+                    self.save_mid_epoch()
+                    raise Interrupted(self.stop_signal.signum,
+                                      f"stopped by signal at epoch {epoch}, step {self.global_step}; checkpoint saved")
+        seconds = time.perf_counter() - started
+        self.writer.add_scalar("throughput/train_samples_per_s", samples * self.dist.world_size / max(seconds, 1e-9),
+                               self.global_step)
+        if self.histograms:
+            for name, param in unwrap_model(self.model).named_parameters():
+                self.writer.add_histogram(f"weights/{name}", param.detach(), self.global_step)
+                if param.grad is not None:
+                    self.writer.add_histogram(f"grads/{name}", param.grad.detach(), self.global_step)
+        result = self._averages(totals, reduce=True)
+        self.epoch_totals = None
+        return result
+
+    def _no_sync(self, skip_allreduce: bool):
+        """Under DDP, micro-batches before the last of an accumulation group skip the gradient all-reduce."""
+        if skip_allreduce and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _optimizer_step(self, nonfinite: torch.Tensor) -> None:
+        self.scaler.unscale_(self.optimizer)  # clip and check true gradients (a no-op without fp16)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.clip_value is not None:
+            torch.nn.utils.clip_grad_value_(params, self.clip_value)
+        if self.clip_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not self.scaler.is_enabled():  # with fp16 the GradScaler skips steps with inf/nan gradients
+            nonfinite |= ~torch.isfinite(grad_norm)
+        if self.dist.enabled:  # every rank must take the same decision
+            nonfinite = all_reduce(nonfinite.float(), op=torch.distributed.ReduceOp.MAX).bool()
+        if nonfinite.item():
+            self._raise_nonfinite()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.lr_scheduler is not None and self.scheduler_interval == "step":
+            self.lr_scheduler.step()
+        self.global_step += 1
+        if self.global_step % self.log_every == 0:
+            self.writer.add_scalar("grad_norm/train_step", grad_norm, self.global_step)
+            for i, group in enumerate(self.optimizer.param_groups):
+                self.writer.add_scalar(f"lr/group{i}_step", group["lr"], self.global_step)
+
+    def _raise_nonfinite(self) -> None:
+        step = self.global_step + 1
+        for name, param in unwrap_model(self.model).named_parameters():
+            if param.grad is not None and not torch.isfinite(param.grad).all():
+                raise TrainingError(f"non-finite gradient at step {step} (epoch {self.epoch}) in parameter "
+                                    f"{name!r}; the last checkpoint on disk is from before it")
+        raise TrainingError(f"non-finite loss at step {step} (epoch {self.epoch}); the last checkpoint on disk "
+                            f"is from before it")
+
+    @torch.no_grad()
+    def _valid_epoch(self, epoch: int) -> dict:
+        model = unwrap_model(self.model)  # no DDP collectives: ranks may hold unequal numbers of batches
+        model.eval()
+        totals = self._new_totals()
+        progress = Progress(self.valid_data_loader, len(self.valid_data_loader), f"valid {epoch}",
+                            self.dist.is_main and self.verbosity > 1)
+        for data, target in progress:
+            data, target = data.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
+            with self.autocast:
+                output = model(data)
+                loss = self.criterion(output, target)
+            self._accumulate(totals, loss, output, target)
+        return self._averages(totals, reduce=True)
