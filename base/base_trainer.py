@@ -159,7 +159,7 @@ class BaseTrainer(metaclass=ABCMeta):
         scaler = getattr(self, "scaler", None)
         return {
             "format": CHECKPOINT_FORMAT,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
             "arch": type(unwrap_model(self.model)).__name__,
             "config": self.config,
             "state_dict": unwrap_model(self.model).state_dict(),

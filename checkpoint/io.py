@@ -35,7 +35,8 @@ def _feed(digest, obj: Any) -> None:
         digest.update(f"L{len(obj)}".encode())
         for item in obj:
             _feed(digest, item)
-    elif obj is None or isinstance(obj, (bool, int, float, str, torch.Size)):
+    elif obj is None or type(obj) in (bool, int, float, str) or isinstance(obj, torch.Size):
+        # Exact types: a str subclass such as torch.__version__ would not load with weights_only=True.
         digest.update(f"{type(obj).__name__}:{obj!r};".encode())
     else:
         raise TypeError(f"checkpoints hold plain data only, found {type(obj).__name__}")
