@@ -1,0 +1,34 @@
+"""Shared test helpers: run the real entry points as subprocesses, on small configs, in tmp dirs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PYTHON = sys.executable
+
+
+def run_script(script: str, *args: str, cwd: Path | str = ROOT, timeout: float = 300, env: dict | None = None,
+               check: bool = False) -> subprocess.CompletedProcess:
+    """Run train.py/test.py (or any script of the project) and capture its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([PYTHON, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def small_digits(save_dir: Path, *extra: str) -> list[str]:
+    """Overrides that make configs/digits.yaml a few-second run writing under `save_dir`."""
+    return [f"trainer.save_dir={save_dir}", "trainer.epochs=2", "trainer.verbosity=1", *extra]
+
+
+@pytest.fixture
+def digits_config() -> Path:
+    return ROOT / "configs" / "digits.yaml"
