@@ -56,13 +56,20 @@ class BaseTrainer(metaclass=ABCMeta):
         self.batch_in_epoch = self.samples_in_epoch = 0
         self.epoch_totals: dict | None = None  # running sums of the epoch in progress (mid-epoch resume)
         self.not_improved_count, self.best_epoch = 0, 0
+        self.callbacks: list = []  # objects with the hook methods below (trainer/callbacks.py)
 
     # ---- hooks: override in a subclass (trainer.type) to extend the loop -------------------------
     def on_train_start(self) -> None: ...
     def on_epoch_start(self, epoch: int) -> None: ...
-    def on_batch_end(self, batch_idx: int, loss: torch.Tensor) -> None: ...
+    def on_batch_end(self, batch_idx: int, loss: torch.Tensor) -> None: ...  # after each optimizer step
     def on_validation_end(self, epoch: int, result: dict) -> None: ...
     def on_train_end(self) -> None: ...
+
+    def _hook(self, name: str, *args) -> None:
+        """The trainer's own hook method, then each callback's (which also receives the trainer)."""
+        getattr(self, name)(*args)
+        for callback in self.callbacks:
+            getattr(callback, name)(self, *args)
 
     @abstractmethod
     def _train_epoch(self, epoch: int) -> dict:
@@ -74,16 +81,16 @@ class BaseTrainer(metaclass=ABCMeta):
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> dict:
-        self.on_train_start()
+        self._hook("on_train_start")
         try:
             for epoch in range(self.start_epoch, self.epochs + 1):
                 self.epoch = epoch
-                self.on_epoch_start(epoch)
+                self._hook("on_epoch_start", epoch)
                 started = time.perf_counter()
                 result = self._train_epoch(epoch)
                 if self.valid_data_loader is not None:
                     result.update({f"val_{k}": v for k, v in self._valid_epoch(epoch).items()})
-                self.on_validation_end(epoch, result)
+                self._hook("on_validation_end", epoch, result)
                 self._step_epoch_scheduler(result)
                 improved = self._update_monitor(result)
                 self._log_epoch(epoch, result, time.perf_counter() - started, improved)
@@ -97,7 +104,7 @@ class BaseTrainer(metaclass=ABCMeta):
                                      f"{self.early_stop} epochs")
                     break
         finally:
-            self.on_train_end()
+            self._hook("on_train_end")
             self.writer.flush()
         return {"best_epoch": self.best_epoch, "monitor_best": self.monitor_best}
 

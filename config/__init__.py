@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config.files import apply_overrides, read_config_file
+from config.files import apply_overrides, plain_problems, read_config_file
 from config.registry import check_args, default_of, resolve
-from config.schema import is_known_path, validate
+from config.schema import is_known_path, short, validate
 from errors import ConfigError
 
 __all__ = ["load_config", "check_config", "metric_names"]
@@ -24,7 +24,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
 
 
 def check_config(raw: dict, source: str = "config") -> dict:
-    problems: list[str] = []
+    problems = plain_problems(raw)
+    if problems:  # sets, NaN or cycles would break the checks below; report them alone
+        raise ConfigError([f"{source}: {p}" for p in problems])
     config = validate(raw, problems)
     _check_types(config, problems)
     if problems:
@@ -64,17 +66,21 @@ def _check_types(config: dict, problems: list[str]) -> None:
             problems.append(problem)
     elif isinstance(loss, dict):
         _check_typed(config, "loss", problems, skip_positional=2)
-    for i, name in enumerate(config.get("metrics") or []):
+    metrics = config.get("metrics") if isinstance(config.get("metrics"), list) else None
+    for i, name in enumerate(metrics or []):
         _, problem = resolve("metrics", name, f"metrics[{i}]")
         if problem:
             problems.append(problem)
+            metrics = None
     _check_scheduler(config.get("lr_scheduler"), "lr_scheduler", problems)
     trainer = config.get("trainer")
     if isinstance(trainer, dict):
-        _, problem = resolve("trainer", trainer.get("type"), "trainer.type")
-        if problem:
-            problems.append(problem)
-        _check_monitor(config, loader_cls, problems)
+        if isinstance(trainer.get("type"), str):
+            _, problem = resolve("trainer", trainer["type"], "trainer.type")
+            if problem:
+                problems.append(problem)
+        if metrics is not None:  # with an unknown metric the list of what the run logs means nothing
+            _check_monitor(config, loader_cls, problems)
 
 
 def _check_scheduler(spec, where: str, problems: list[str]) -> None:
@@ -86,10 +92,11 @@ def _check_scheduler(spec, where: str, problems: list[str]) -> None:
             problems.append(f"{where}.args.schedulers: expected a list of {{type, args}}")
         else:
             for i, item in enumerate(inner):
-                if not isinstance(item, dict) or set(item) - {"type", "args"} or "type" not in item:
-                    problems.append(f"{where}.args.schedulers[{i}]: expected {{type, args}}, got {item!r}")
+                if (not isinstance(item, dict) or set(item) - {"type", "args"} or not isinstance(item.get("type"), str)
+                        or not isinstance(item.setdefault("args", {}), dict)):
+                    problems.append(f"{where}.args.schedulers[{i}]: expected {{type: name, args: mapping}}, "
+                                    f"got {short(item)}")
                     continue
-                item.setdefault("args", {})
                 _check_scheduler(item, f"{where}.args.schedulers[{i}]", problems)
         rest = {k: v for k, v in spec["args"].items() if k != "schedulers"}
         target, problem = resolve("lr_scheduler", spec["type"], f"{where}.type")
@@ -104,8 +111,10 @@ def _check_scheduler(spec, where: str, problems: list[str]) -> None:
 
 def metric_names(config: dict, loader_cls=None) -> list[str]:
     """Every name a run logs per epoch: loss and metrics, and val_ versions when there is a split."""
-    names = ["loss"] + list(config.get("metrics") or [])
-    args = config["data_loader"].get("args", {})
+    metrics = config.get("metrics") if isinstance(config.get("metrics"), list) else []
+    names = ["loss"] + [name for name in metrics if isinstance(name, str)]
+    args = config["data_loader"].get("args")
+    args = args if isinstance(args, dict) else {}
     split = args.get("validation_split", default_of(loader_cls, "validation_split", 0.0) if loader_cls else 0.0)
     if split:
         names += [f"val_{name}" for name in names]

@@ -6,14 +6,15 @@ YAML reads `1e-3` as the number it looks like (PyYAML follows YAML 1.1, where it
 from __future__ import annotations
 
 import copy
-import difflib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from config.schema import keys_under, short, suggest
 from errors import ConfigError
 
 SUFFIXES = (".json", ".yaml", ".yml")
@@ -26,6 +27,9 @@ class _StrictYamlLoader(yaml.SafeLoader):
         seen = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: a key must be a plain name, "
+                                  f"not {type(key).__name__}")
             if key in seen:
                 raise ConfigError(
                     f"duplicate key {key!r} (line {seen[key]} and line {key_node.start_mark.line + 1})"
@@ -43,6 +47,39 @@ _StrictYamlLoader.add_implicit_resolver(
 _StrictYamlLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictYamlLoader.construct_mapping
 )
+# A date such as `name: 2024-01-01` stays the string it looks like: datetime objects cannot be
+# printed as JSON nor stored in a checkpoint that loads with weights_only=True.
+_StrictYamlLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+
+
+def plain_problems(data: Any, where: str = "", _path: tuple = ()) -> list[str]:
+    """Problems that keep `data` from being plain config data: strings, finite numbers, booleans,
+    null, lists and string-keyed mappings, without cycles (YAML anchors can build them).
+
+    The resolved config is printed as JSON or YAML and stored in checkpoints, so anything else
+    (sets, bytes, NaN, a list that contains itself) is refused here rather than failing there.
+    """
+    label = where or "config"
+    if isinstance(data, (dict, list)):
+        if any(item is data for item in _path):
+            return [f"{label}: refers to itself (a YAML alias inside its own anchor)"]
+        _path = (*_path, data)
+        items = data.items() if isinstance(data, dict) else enumerate(data)
+        problems = []
+        for key, value in items:
+            if isinstance(data, dict) and not isinstance(key, str):
+                problems.append(f"{label}: key {key!r} must be a string (quote it)")
+                continue
+            child = f"{where}[{key}]" if isinstance(data, list) else f"{where}.{key}" if where else key
+            problems += plain_problems(value, child, _path)
+        return problems
+    if isinstance(data, float) and not math.isfinite(data):
+        return [f"{label}: {data} is not a finite number"]
+    if data is None or isinstance(data, (str, bool, int, float)):
+        return []
+    return [f"{label}: {type(data).__name__} values are not allowed in a config (got {short(data)})"]
+
+
 
 
 def _json_pairs(pairs: list) -> dict:
@@ -96,11 +133,6 @@ def parse_scalar(text: str) -> Any:
         return text
 
 
-def _suggest(word: str, candidates) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def apply_overrides(config: dict, overrides: list[str], known: "callable | None" = None) -> dict:
     """Return a copy of `config` with each `a.b.c=value` applied; list items are addressed by index.
 
@@ -130,7 +162,8 @@ def apply_overrides(config: dict, overrides: list[str], known: "callable | None"
                         if not last:
                             node[part] = {}
                     else:
-                        problems.append(f"override {key}: unknown key {where!r}{_suggest(part, node.keys())}")
+                        pool = [*node.keys(), *keys_under(parts[:depth])]
+                        problems.append(f"override {key}: unknown key {where!r}{suggest(part, pool)}")
                         break
             else:
                 problems.append(f"override {key}: {'.'.join(parts[:depth])} is a value, not a mapping")

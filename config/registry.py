@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
+import typing
 import pkgutil
 from functools import lru_cache
 from typing import Any, Callable
 
-from config.schema import suggest
+from config.schema import short, suggest
 
 
 @lru_cache(maxsize=None)
@@ -81,12 +83,14 @@ def candidates(section: str) -> dict[str, Any]:
 WHAT = {"arch": "model", "data_loader": "data loader", "trainer": "trainer", "loss": "loss",
         "metrics": "metric", "optimizer": "torch.optim optimizer", "lr_scheduler": "torch.optim.lr_scheduler class",
         "init": "init scheme"}
+ARTICLE = {"arch": "a", "data_loader": "a", "trainer": "a", "loss": "a", "metrics": "a", "optimizer": "a",
+           "lr_scheduler": "a", "init": "an"}
 
 
 def resolve(section: str, name: Any, where: str) -> tuple[Any, str | None]:
     """(object, None) or (None, problem). Arch names fall back to torchvision.models (weights=None)."""
     if not isinstance(name, str):
-        return None, f"{where}: expected a name, got {name!r}"
+        return None, f"{where}: expected a name, got {short(name)}"
     found = candidates(section)
     if name in found:
         return found[name], None
@@ -96,12 +100,13 @@ def resolve(section: str, name: Any, where: str) -> tuple[Any, str | None]:
     extra = " or any torchvision.models name (e.g. resnet18)" if section == "arch" else ""
     shown = ", ".join(valid[:40]) + (", ..." if len(valid) > 40 else "")
     pool = valid + (list(torchvision_models()) if section == "arch" else [])
-    return None, f"{where}: {name!r} is not a {WHAT[section]}{suggest(name, pool)}; valid: {shown}{extra}"
+    return None, (f"{where}: {short(name)} is not {ARTICLE[section]} {WHAT[section]}{suggest(name, pool)}; "
+                  f"valid: {shown}{extra}")
 
 
 # Range checks for arguments that many constructors share, so `lr: -1` is caught before building.
 ARG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "lr": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
+    "lr": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf, "a number >= 0"),
     "batch_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "num_workers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
     "validation_split": (
@@ -110,15 +115,43 @@ ARG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _coerce_number(value: Any, default: Any) -> Any:
     """A string such as '1e-3' where the parameter's default is a number becomes that number."""
-    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+    if isinstance(value, str) and _is_number(default):
         try:
             number = float(value)
         except ValueError:
             return value
+        if not math.isfinite(number):
+            return value
         return int(number) if isinstance(default, int) and number.is_integer() else number
     return value
+
+
+def _type_problem(value: Any, default: Any, annotation: Any = None) -> str | None:
+    """What is wrong with `value` for a parameter whose default is `default`, judged by the default's type.
+
+    Only scalars are judged: a number where the default is a number (a list is let through, as
+    ReduceLROnPlateau's min_lr takes one per group), a boolean where it is a boolean, a string where
+    it is a string. A default of None says nothing about the type. A `Literal[...]` annotation
+    (torch's `mode='fan_in'`) gives the choices.
+    """
+    if value is None or default is None or default is inspect.Parameter.empty:
+        return None
+    choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ()
+    if choices and value not in choices:
+        return f"one of {', '.join(map(str, choices))}"
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if _is_number(default):
+        return None if _is_number(value) or isinstance(value, list) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    return None
 
 
 def check_args(target: Callable, args: dict, where: str, injected: tuple[str, ...] = (),
@@ -144,7 +177,13 @@ def check_args(target: Callable, args: dict, where: str, injected: tuple[str, ..
         if key in named:
             value = _coerce_number(value, named[key].default)
         if key in ARG_RULES and not ARG_RULES[key][0](value):
-            problems.append(f"{where}.{key}: expected {ARG_RULES[key][1]}, got {value!r}")
+            problems.append(f"{where}.{key}: expected {ARG_RULES[key][1]}, got {short(value)}")
+            continue
+        expected = _type_problem(value, named[key].default, named[key].annotation) if key in named else None
+        if expected:
+            problems.append(f"{where}.{key}: expected {expected} (the default is {named[key].default!r}), "
+                            f"got {short(value)}{suggest(value, [named[key].default]) if isinstance(value, str) else ''}")
+            continue
         out[key] = value
     for name, param in named.items():
         if param.default is inspect.Parameter.empty and name not in args and name not in injected:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REQUIRED = object()
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# \Z, not $: `$` also matches before a final newline, which would let "run\n" through.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ SCHEMA: dict[str, Key] = {
     "n_gpu": Key("int", "pytorch-template compatibility: 0 forces the CPU; more than 1 needs torchrun", None,
                  minimum=0, nullable=True),
     "device": Key("str", "auto | cpu | cuda | cuda:N | mps (auto: cuda if available, else mps, else cpu)", "auto"),
-    "seed": Key("int", "seeds Python, NumPy, torch, the data order and the DataLoader workers", 0, minimum=0),
+    "seed": Key("int", "seeds Python, NumPy, torch, the data order and the DataLoader workers", 0, minimum=0,
+                maximum=2**63 - 1),
     "arch": _typed("model (a class in model/ or a torchvision.models name)", {
         "init": Key("section", "weight initialisation applied with model.apply before the optimizer is built",
                     None, nullable=True, keys={
@@ -148,6 +150,12 @@ def suggest(word: str, candidates) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def short(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters so that an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _validate_section(raw: dict, keys: dict[str, Key], path: str, problems: list[str]) -> dict:
     out = {}
     for name in raw:
@@ -177,7 +185,7 @@ def _validate_value(value: Any, key: Key, where: str, problems: list[str]) -> An
         return None
     ok, value = _kind_ok(key.kind, value)
     if not ok:
-        problems.append(f"{where}: expected {KIND_NAMES[key.kind]}, got {value!r}")
+        problems.append(f"{where}: expected {KIND_NAMES[key.kind]}, got {short(value)}")
         return value
     if key.kind == "section":
         return _validate_section(value, key.keys, where, problems)
@@ -187,9 +195,9 @@ def _validate_value(value: Any, key: Key, where: str, problems: list[str]) -> An
         for i, item in enumerate(value):
             item_ok, _ = _kind_ok(key.item, item)
             if not item_ok:
-                problems.append(f"{where}[{i}]: expected {KIND_NAMES[key.item]}, got {item!r}")
+                problems.append(f"{where}[{i}]: expected {KIND_NAMES[key.item]}, got {short(item)}")
     if key.choices and value not in key.choices:
-        problems.append(f"{where}: {value!r} is not one of {', '.join(key.choices)}{suggest(value, key.choices)}")
+        problems.append(f"{where}: {short(value)} is not one of {', '.join(key.choices)}{suggest(value, key.choices)}")
     if key.minimum is not None and (value <= key.minimum if key.exclusive_minimum else value < key.minimum):
         problems.append(f"{where}: {value} must be {'>' if key.exclusive_minimum else '>='} {key.minimum}")
     if key.maximum is not None and value > key.maximum:
@@ -201,13 +209,15 @@ def validate(raw: dict, problems: list[str]) -> dict:
     """Check `raw` against SCHEMA; append problems; return the config with defaults filled in."""
     config = _validate_section(raw, SCHEMA, "", problems)
     name = config.get("name")
-    if isinstance(name, str) and not NAME_RE.match(name) or name in (".", ".."):
-        problems.append(f"name: {name!r} must be a plain directory name (letters, digits, _ . -; no / or ..)")
-    monitor = config.get("trainer", {}).get("monitor")
+    if isinstance(name, str) and not NAME_RE.match(name):
+        problems.append(f"name: {short(name)} must be a plain directory name (letters, digits, _ . -; no / or ..)")
+    trainer = config.get("trainer")
+    monitor = trainer.get("monitor") if isinstance(trainer, dict) else None
     if isinstance(monitor, str) and monitor != "off":
+        trainer["monitor"] = monitor = " ".join(monitor.split())  # "max  val_accuracy" is meant as one space
         mode, _, metric = monitor.partition(" ")
-        if mode not in ("min", "max") or not metric.strip():
-            problems.append(f"trainer.monitor: {monitor!r} must be 'min <metric>', 'max <metric>' or 'off'")
+        if mode not in ("min", "max") or not metric.strip() or " " in metric:
+            problems.append(f"trainer.monitor: {short(monitor)} must be 'min <metric>', 'max <metric>' or 'off'")
     return config
 
 
@@ -222,6 +232,17 @@ def is_known_path(parts: list[str]) -> bool:
         key = keys[part]
         keys = key.keys if key.kind == "section" else None
     return True
+
+
+def keys_under(parts: list[str]) -> list[str]:
+    """The schema's key names inside the section at `parts` (for "did you mean" on overrides)."""
+    keys = SCHEMA
+    for part in parts:
+        key = keys.get(part)
+        if key is None or key.kind != "section":
+            return []
+        keys = key.keys
+    return list(keys)
 
 
 def reference_rows(keys: dict[str, Key] | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:

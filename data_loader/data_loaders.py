@@ -17,22 +17,20 @@ class DigitsDataLoader(BaseDataLoader):
         super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers, pin_memory=pin_memory)
 
 
-def _mnist_transform():
-    from torchvision import transforms
-
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-
-
 class MnistDataLoader(BaseDataLoader):
     """MNIST through torchvision (same arguments as pytorch-template's MnistDataLoader)."""
 
     dataset_name = "MNIST"
+    MEAN, STD = (0.1307,), (0.3081,)
 
     def __init__(self, data_dir: str, batch_size: int, shuffle: bool = True, validation_split: float | int = 0.0,
                  num_workers: int = 1, training: bool = True, download: bool = True, pin_memory: bool = False):
+        from torchvision import transforms
+
         self.data_dir = data_dir
-        self.dataset = TorchvisionDataset(self.dataset_name, data_dir, train=training,
-                                          transform=_mnist_transform(), download=download)
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(self.MEAN, self.STD)])
+        self.dataset = TorchvisionDataset(self.dataset_name, data_dir, train=training, transform=transform,
+                                          download=download)
         super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers, pin_memory=pin_memory)
 
 
@@ -40,25 +38,29 @@ class FashionMnistDataLoader(MnistDataLoader):
     """Fashion-MNIST through torchvision (same file format as MNIST, under <data_dir>/FashionMNIST/raw)."""
 
     dataset_name = "FashionMNIST"
+    MEAN, STD = (0.2860,), (0.3530,)
 
 
 class Cifar10DataLoader(BaseDataLoader):
-    """CIFAR-10 through torchvision; random crop and flip for training, none for validation and test."""
+    """CIFAR-10 through torchvision; random crop and flip for training, none for validation and test.
+
+    `verify_checksums: false` loads CIFAR-format files whose md5 sums are not the official ones.
+    """
 
     MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
     def __init__(self, data_dir: str, batch_size: int, shuffle: bool = True, validation_split: float | int = 0.0,
                  num_workers: int = 2, training: bool = True, augment: bool = True, download: bool = True,
-                 pin_memory: bool = False):
+                 verify_checksums: bool = True, pin_memory: bool = False):
         from torchvision import transforms
 
         plain = [transforms.ToTensor(), transforms.Normalize(self.MEAN, self.STD)]
         augmenting = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] + plain
         train_transform = transforms.Compose(augmenting if training and augment else plain)
+        self.data_dir = data_dir
         self.dataset = TorchvisionDataset("CIFAR10", data_dir, train=training, transform=train_transform,
-                                          download=download)
-        valid = TorchvisionDataset("CIFAR10", data_dir, train=training, transform=transforms.Compose(plain),
-                                   download=False)
+                                          download=download, verify_checksums=verify_checksums)
+        valid = self.dataset.with_transform(transforms.Compose(plain))  # same arrays, no augmentation
         super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers, valid_dataset=valid,
                          pin_memory=pin_memory)
 
@@ -78,14 +80,15 @@ class ImageFolderDataLoader(BaseDataLoader):
         plain = [transforms.Resize((image_size, image_size)), transforms.ToTensor()]
         augmenting = [transforms.RandomHorizontalFlip()] + plain
         train_transform = transforms.Compose(augmenting if augment and training else plain)
-        classes = ImageFileDataset(data_dir, csv_file, grayscale=grayscale).classes
+        train_files = ImageFileDataset(data_dir, csv_file, train_transform, grayscale)
         if training:
-            root, csv_path = data_dir, csv_file
+            self.dataset = train_files
         else:
             if test_dir is None and test_csv_file is None:
                 raise ValueError("the test split needs test_dir or test_csv_file in data_loader.args")
-            root, csv_path = test_dir or data_dir, test_csv_file
-        self.dataset = ImageFileDataset(root, csv_path, train_transform, grayscale, classes)
-        valid = ImageFileDataset(root, csv_path, transforms.Compose(plain), grayscale, classes)
+            # The test files are labelled with the training classes, so class indices agree.
+            self.dataset = ImageFileDataset(test_dir or data_dir, test_csv_file, train_transform, grayscale,
+                                            train_files.classes)
+        valid = self.dataset.with_transform(transforms.Compose(plain))
         super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers, valid_dataset=valid,
                          pin_memory=pin_memory)

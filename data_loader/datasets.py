@@ -1,7 +1,9 @@
 """Datasets, each a plain `torch.utils.data.Dataset` with __init__/__len__/__getitem__."""
 from __future__ import annotations
 
+import copy
 import csv
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -47,28 +49,74 @@ class TorchvisionDataset(Dataset):
     """MNIST, FashionMNIST or CIFAR10 from torchvision, in their standard on-disk formats under `root`.
 
     torchvision downloads the files when they are missing and the machine is online; offline, the
-    files must already be there (MNIST: <root>/MNIST/raw/*-ubyte; CIFAR10: <root>/cifar-10-batches-py).
+    files must already be there (MNIST: <root>/MNIST/raw/*-ubyte, uncompressed; FashionMNIST:
+    <root>/FashionMNIST/raw/*-ubyte; CIFAR10: <root>/cifar-10-batches-py/). torchvision checks the
+    md5 sum of every CIFAR-10 file on load; `verify_checksums=False` skips that check, for a
+    CIFAR-format set of your own (the files are Python pickles: only use files you trust).
     """
 
     NAMES = ("MNIST", "FashionMNIST", "CIFAR10")
 
     def __init__(self, name: str, root: str, train: bool = True, transform: Callable | None = None,
-                 download: bool = True):
-        import torchvision.datasets as tv_datasets
-
+                 download: bool = True, verify_checksums: bool = True):
         if name not in self.NAMES:
             raise ValueError(f"dataset {name!r} is not one of {', '.join(self.NAMES)}")
         try:
-            self.data = getattr(tv_datasets, name)(root, train=train, transform=transform, download=download)
-        except (RuntimeError, OSError) as exc:  # files missing and download failed or refused
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"{name} not found under {root!r} and could not be downloaded: {reason}") from None
+            # The transform is applied here, not by torchvision, so that `with_transform` can give
+            # the validation subset its own transform over the same arrays (no second copy in memory).
+            self.data = _load_torchvision(name, root, train, download, verify_checksums)
+        except (RuntimeError, OSError, AssertionError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+            raise UserError(_missing_data_message(name, root, download, exc)) from None
+        self.transform = transform
+        self.classes = list(self.data.classes)
+
+    def with_transform(self, transform: Callable | None) -> "TorchvisionDataset":
+        """The same samples (shared, not copied) under another transform."""
+        view = copy.copy(self)
+        view.transform = transform
+        return view
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int):
-        return self.data[index]
+        image, target = self.data[index]  # a PIL image and an int
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+
+def _load_torchvision(name: str, root: str, train: bool, download: bool, verify_checksums: bool):
+    import torchvision.datasets as tv_datasets
+
+    cls = getattr(tv_datasets, name)
+    dataset = cls.__new__(cls)
+    if not verify_checksums and hasattr(cls, "train_list"):  # MNIST-style sets check no sums on load
+        # Instance attributes shadow torchvision's class-level md5 table; its check_integrity(path,
+        # md5=None) then checks only that each file exists. The object stays a plain torchvision
+        # dataset (it pickles into DataLoader workers under any start method).
+        dataset.train_list = [[file, None] for file, _ in cls.train_list]
+        dataset.test_list = [[file, None] for file, _ in cls.test_list]
+        dataset.meta = {**cls.meta, "md5": None}
+    cls.__init__(dataset, root, train=train, download=download)
+    return dataset
+
+
+def _missing_data_message(name: str, root: str, download: bool, exc: BaseException) -> str:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    folder = Path(root) / ("cifar-10-batches-py" if name == "CIFAR10" else f"{name}/raw")
+    expected = "cifar-10-batches-py/" if name == "CIFAR10" else f"{name}/raw/*-ubyte"
+    present = folder.is_dir() and any(folder.iterdir())
+    if present and name == "CIFAR10" and "corrupted" in reason:
+        hint = (" (the files are there but their md5 sums are not the official ones; for a CIFAR-format set "
+                "of your own, set data_loader.args.verify_checksums: false)")
+    elif present:
+        hint = " (a file is missing, truncated or not in the expected format)"
+    elif download:
+        hint = f" (offline? put the files under {str(folder)!r} yourself)"
+    else:
+        hint = " (set data_loader.args.download: true to fetch it)"
+    return f"{name}: cannot load {expected} under {root!r}: {reason}{hint}"
 
 
 class ImageFileDataset(Dataset):
@@ -100,6 +148,12 @@ class ImageFileDataset(Dataset):
         if not self.samples:
             raise UserError(f"{csv_file or root}: no images found")
 
+    def with_transform(self, transform: Callable | None) -> "ImageFileDataset":
+        """The same file list under another transform (the files are not listed again)."""
+        view = copy.copy(self)
+        view.transform = transform
+        return view
+
     @staticmethod
     def _from_csv(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
         try:
@@ -123,8 +177,11 @@ class ImageFileDataset(Dataset):
         from PIL import Image
 
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = image.convert(self.mode)
+        try:
+            with Image.open(path) as image:
+                image = image.convert(self.mode)
+        except OSError as exc:  # missing, unreadable or not an image (PIL.UnidentifiedImageError)
+            raise UserError(f"{path}: cannot read image ({exc.strerror or exc})") from None
         if self.transform is not None:
             image = self.transform(image)
         return image, self.class_to_idx[label]

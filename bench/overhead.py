@@ -1,0 +1,143 @@
+"""Trainer overhead: step time of the Trainer (TensorBoard, progress, metrics on) against a minimal
+hand-written loop in the style of pytorch/examples, same model, data, batch size, seed and threads.
+
+    python bench/overhead.py --model mnist        # MnistModel, batch 64, target <= 1.03
+    python bench/overhead.py --model digits       # DigitsCNN, batch 64, target <= 1.05
+    python bench/overhead.py --model mlp          # ~1 ms/step MLP, target <= 1.05
+    python bench/overhead.py --model mnist --logging-off   # Trainer logging on vs off, target <= 1.02
+
+The last line printed is the median ratio. Weights after the first round must be bit-identical.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+from common import paired_rounds, report, temp_dir, timed
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from base import BaseDataLoader
+from config import check_config
+from data_loader.sampler import EpochSampler
+from logger import make_writer, setup_logging
+from model.model import MLP, DigitsCNN, MnistModel
+from trainer.trainer import Trainer
+
+SPECS = {  # model, input shape, loss, target ratio
+    "mnist": (lambda: MnistModel(), (1, 28, 28), "nll_loss", 1.03),
+    "digits": (lambda: DigitsCNN(), (1, 8, 8), "nll_loss", 1.05),
+    "mlp": (lambda: MLP(in_features=64, hidden=256, depth=2), (1, 8, 8), "cross_entropy", 1.05),
+}
+
+
+class RandomImages(Dataset):
+    """In-memory inputs and labels, fetched one sample at a time like most user datasets."""
+
+    def __init__(self, n: int, shape: tuple, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, *shape, generator=generator)
+        self.targets = torch.randint(0, 10, (n,), generator=generator)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.images[index], self.targets[index]
+
+
+class BenchLoader(BaseDataLoader):
+    def __init__(self, dataset, batch_size):
+        super().__init__(dataset, batch_size, shuffle=True, validation_split=0.0, num_workers=0)
+
+
+def make_config(loss: str, save_dir: str, logging_on: bool) -> dict:
+    return check_config({
+        "name": "bench", "seed": 0, "device": "cpu",
+        "arch": {"type": "MLP", "args": {}},
+        "data_loader": {"type": "DigitsDataLoader", "args": {"batch_size": 64, "validation_split": 0.0}},
+        "optimizer": {"type": "SGD", "args": {"lr": 0.01, "momentum": 0.9}},
+        "loss": loss, "metrics": ["accuracy", "top_k_acc"] if logging_on else [],
+        "trainer": {"epochs": 1, "save_dir": save_dir, "save_period": 0, "verbosity": 1,
+                    "tensorboard": logging_on, "histograms": logging_on, "images": logging_on},
+    })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=sorted(SPECS), default="mnist")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--logging-off", action="store_true", help="compare Trainer logging on against off")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    build, shape, loss_name, target = SPECS[args.model]
+    loss_fn = {"nll_loss": F.nll_loss, "cross_entropy": F.cross_entropy}[loss_name]
+    dataset = RandomImages(args.steps * args.batch_size, shape)
+    torch.manual_seed(0)
+    initial = build().state_dict()
+    out = temp_dir()
+    setup_logging(None, verbosity=0)
+
+    def run_trainer(logging_on: bool = True):
+        config = make_config(loss_name, str(out), logging_on)
+        model = build()
+        model.load_state_dict(initial)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        from config.build import build_loss, build_metrics
+
+        loader = BenchLoader(dataset, args.batch_size)
+        run_dir = out / f"run-{logging_on}"
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        writer = make_writer(run_dir, logging_on)
+        trainer = Trainer(model, build_loss(config), build_metrics(config), optimizer, config, torch.device("cpu"),
+                          loader, None, None, run_dir=run_dir, writer=writer)
+        torch.manual_seed(1)
+        seconds = timed(trainer.train)
+        writer.close()
+        run_trainer.model = model
+        return seconds
+
+    def run_hand():
+        model = build()
+        model.load_state_dict(initial)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        sampler = EpochSampler(torch.arange(len(dataset)), shuffle=True, seed=0)
+        sampler.set_epoch(1)
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, generator=torch.Generator())
+        torch.manual_seed(1)
+
+        def loop():
+            model.train()
+            for data, target in loader:
+                optimizer.zero_grad()
+                output = model(data)
+                loss = loss_fn(output, target)
+                loss.backward()
+                optimizer.step()
+
+        seconds = timed(loop)
+        run_hand.model = model
+        return seconds
+
+    if args.logging_off:
+        ratios = paired_rounds(lambda: run_trainer(True), lambda: run_trainer(False), args.rounds)
+        print(report(f"{args.model}: trainer logging on / off", ratios, 1.02))
+        return
+    step = run_hand() / args.steps
+    print(f"hand-written loop: {step * 1e3:.2f} ms/step ({args.model}, batch {args.batch_size}, "
+          f"{args.threads} thread(s))")
+    run_trainer()
+    identical = all(torch.equal(a, b) for a, b in zip(run_trainer.model.state_dict().values(),
+                                                      run_hand.model.state_dict().values()))
+    print(f"weights after {args.steps} steps bit-identical to the hand-written loop: {identical}")
+    ratios = paired_rounds(run_trainer, run_hand, args.rounds)
+    print(f"{report(f'{args.model}: trainer / hand-written loop', ratios, target):.3f}")
+
+
+if __name__ == "__main__":
+    main()

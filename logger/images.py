@@ -1,0 +1,64 @@
+"""A small grid of input samples, each captioned with its true and predicted label, for TensorBoard.
+
+Drawn once per epoch from one batch the loop already computed: no extra forward pass, no extra
+data loading. Inputs that are not images (not (N, C, H, W) with 1 or 3 channels, or (N, H, W)) and
+outputs that are not class scores (N, classes) are skipped.
+"""
+from __future__ import annotations
+
+import torch
+
+TILE = 96          # pixels per sample: tiny images are scaled up so a person can see them
+CAPTION = 14       # pixels of caption below each tile
+CORRECT, WRONG = (80, 220, 80), (255, 80, 80)
+
+
+def class_names(loader) -> list[str] | None:
+    """`classes` of the loader's dataset, looking through wrappers such as `Subset`."""
+    dataset = getattr(loader, "dataset", None)
+    for _ in range(4):
+        if dataset is None:
+            return None
+        names = getattr(dataset, "classes", None)
+        if names:
+            return [str(name) for name in names]
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
+def sample_grid(data: torch.Tensor, target: torch.Tensor, output: torch.Tensor, max_samples: int = 16,
+                classes: list[str] | None = None) -> torch.Tensor | None:
+    """(3, H, W) uint8 grid of up to `max_samples` inputs, each captioned "t:<true> p:<predicted>"
+    (green when right, red when wrong); None when the batch is not images with class scores."""
+    if data.dim() == 3:
+        data = data.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
+    if data.dim() != 4 or data.shape[1] not in (1, 3) or output.dim() != 2 or target.dim() != 1:
+        return None
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    n = min(max_samples, data.shape[0])
+    images = data[:n].detach().float().cpu()
+    predicted = output[:n].detach().argmax(dim=1).cpu().tolist()
+    true = target[:n].detach().cpu().tolist()
+    # Each image scaled to 0..255 on its own: inputs are often normalised, and the grid shows shape, not level.
+    low = images.amin(dim=(1, 2, 3), keepdim=True)
+    high = images.amax(dim=(1, 2, 3), keepdim=True)
+    images = ((images - low) / (high - low).clamp_min(1e-12) * 255).round().to(torch.uint8)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    columns = min(n, 8)
+    rows = -(-n // columns)
+    canvas = Image.new("RGB", (columns * TILE, rows * (TILE + CAPTION)), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    name = (lambda i: classes[i] if classes and 0 <= i < len(classes) else str(i))
+    for k in range(n):
+        tile = Image.fromarray(images[k].permute(1, 2, 0).contiguous().numpy(), "RGB")
+        scale = TILE / max(tile.size)
+        size = (max(1, round(tile.size[0] * scale)), max(1, round(tile.size[1] * scale)))
+        tile = tile.resize(size, Image.NEAREST if scale >= 1 else Image.BILINEAR)
+        x, y = (k % columns) * TILE, (k // columns) * (TILE + CAPTION)
+        canvas.paste(tile, (x, y))
+        colour = CORRECT if true[k] == predicted[k] else WRONG
+        draw.text((x + 2, y + TILE + 1), f"t:{name(true[k])[:5]} p:{name(predicted[k])[:5]}", fill=colour)
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()  # (3, H, W)
