@@ -49,13 +49,13 @@ def _resolve_config(args: argparse.Namespace):
 
 def train_run(args: argparse.Namespace) -> int:
     config, resume, run_dir, suffix = _resolve_config(args)
-    if args.print_config:
-        print(json.dumps(config, indent=2) if suffix == ".json" else _yaml(config), end="")
-        return 0
-    if args.run_id:
+    if args.run_id is not None:  # `--run-id ""` is refused, not taken for "no run id"
         from runtime.run_dir import check_run_id
 
         check_run_id(args.run_id)
+    if args.print_config:
+        print(json.dumps(config, indent=2) if suffix == ".json" else _yaml(config), end="")
+        return 0
 
     import torch
 
@@ -65,16 +65,20 @@ def train_run(args: argparse.Namespace) -> int:
                               build_optimizer, trainer_class)
     from logger import get_logger, make_writer, setup_logging
     from runtime.device import check_amp, resolve_device
-    from runtime.distributed import broadcast_object, init_distributed, shutdown
+    from runtime.distributed import (broadcast_object, check_sync_batchnorm, distributed_context, init_process_group,
+                                     shutdown, wrap_model)
     from runtime.run_dir import config_changes, create_run_dir, run_root, write_config
     from runtime.seeding import seed_everything
     from runtime.signals import StopSignal
+    from trainer.callbacks import build_callbacks
 
     cfg = config["trainer"]
-    dist = init_distributed(cfg["ddp_backend"], config["device"], config.get("n_gpu"))
+    dist = distributed_context(config.get("n_gpu"))
+    device = resolve_device(config["device"], config.get("n_gpu"), dist.local_rank if dist.enabled else None)
+    check_amp(cfg["amp"], device)
+    check_sync_batchnorm(cfg["sync_batchnorm"], device, dist)
+    init_process_group(dist, cfg["ddp_backend"], device)
     try:
-        device = resolve_device(config["device"], config.get("n_gpu"), dist.local_rank if dist.enabled else None)
-        check_amp(cfg["amp"], device)
         seed_everything(config["seed"], cfg["deterministic"])
         model = build_model(config)
         train_loader, valid_loader = build_data_loaders(config, dist.rank, dist.world_size)
@@ -82,6 +86,7 @@ def train_run(args: argparse.Namespace) -> int:
         optimizer = build_optimizer(config, model)
         lr_scheduler = build_lr_scheduler(config.get("lr_scheduler"), optimizer)
         criterion, metric_fns = build_loss(config), build_metrics(config)
+        build_callbacks(config, model)  # trainer.watch/freeze module names are checked before anything is written
         if args.dry_run:
             return _dry_run(model, train_loader, criterion, optimizer, device, config, args, run_dir)
 
@@ -97,9 +102,13 @@ def train_run(args: argparse.Namespace) -> int:
         logger.info(f"run directory: {run_dir}")
         logger.info(model_summary(model))
         if dist.enabled:
-            model = _wrap_distributed(model, device, cfg["sync_batchnorm"])
+            model, converted = wrap_model(model, device, cfg["sync_batchnorm"], find_unused=cfg["freeze"] is not None)
+            logger.info(f"DistributedDataParallel: {dist.world_size} processes, backend "
+                        f"{torch.distributed.get_backend()}, per-process batch {train_loader.batch_size}"
+                        + (f", {converted} SyncBatchNorm layers" if cfg["sync_batchnorm"] else ""))
         if cfg["compile"]:
             model = torch.compile(model)
+            logger.info("model compiled with torch.compile (the first steps include compilation)")
         if dist.enabled and dist.rank != 0:
             # Per-rank random streams (dropout) differ; the model was initialised identically above.
             from data_loader.sampler import mix_seed
@@ -107,6 +116,8 @@ def train_run(args: argparse.Namespace) -> int:
             torch.manual_seed(mix_seed(config["seed"], dist.rank))
         purge = resume["state"]["global_step"] + 1 if resume else None
         writer = make_writer(run_dir, cfg["tensorboard"] and dist.is_main, purge_step=purge)
+        if not resume:  # once per run, at step 0 (never purged): hyperparameters and config for TensorBoard
+            writer.add_run_start(config)
         stop = StopSignal().install()
         trainer = trainer_class(config)(model, criterion, metric_fns, optimizer, config, device, train_loader,
                                         valid_loader, lr_scheduler, run_dir=run_dir, writer=writer, dist=dist,
@@ -116,7 +127,7 @@ def train_run(args: argparse.Namespace) -> int:
                 logger.warning(f"skipped {note}")
             logger.info(f"resuming from {resume['path']}")
             trainer.resume(resume["state"])
-            _apply_resume_overrides(resume["state"]["config"], config, optimizer, logger)
+            _apply_resume_overrides(resume["state"]["config"], config, optimizer, lr_scheduler, logger)
         try:
             result = trainer.train()
         finally:
@@ -134,17 +145,9 @@ def _yaml(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def _wrap_distributed(model, device, sync_batchnorm: bool):
-    import torch
-
-    if sync_batchnorm:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device_ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
-def _apply_resume_overrides(saved: dict, config: dict, optimizer, logger) -> None:
-    """Changes given on resume are applied and logged; optimizer arguments reach the param groups."""
+def _apply_resume_overrides(saved: dict, config: dict, optimizer, lr_scheduler, logger) -> None:
+    """Changes given on resume are applied and logged; optimizer arguments reach the param groups
+    (which the checkpoint has just restored), a new lr also the scheduler's base."""
     from runtime.run_dir import config_changes
 
     for key, old, new in config_changes(saved, config):
@@ -156,6 +159,8 @@ def _apply_resume_overrides(saved: dict, config: dict, optimizer, logger) -> Non
                     group[name] = new
                     if name == "lr" and "initial_lr" in group:
                         group["initial_lr"] = new
+            if name == "lr" and hasattr(lr_scheduler, "base_lrs"):
+                lr_scheduler.base_lrs = [new] * len(optimizer.param_groups)
 
 
 def _dry_run(model, loader, criterion, optimizer, device, config, args, run_dir) -> int:
@@ -166,8 +171,13 @@ def _dry_run(model, loader, criterion, optimizer, device, config, args, run_dir)
     loader.set_epoch(1)
     data, target = next(iter(loader))
     optimizer.zero_grad()
-    loss = criterion(model(data.to(device)), target.to(device))
-    loss.backward()
+    try:
+        loss = criterion(model(data.to(device)), target.to(device))
+        loss.backward()
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        # Checking that model, data and loss fit together is what --dry-run is for: say so in one line.
+        raise ConfigError(f"--dry-run: one batch forward/backward failed: {exc.__class__.__name__}: "
+                          f"{' '.join(str(exc).split())}") from None
     print(model_summary(model))
     print(f"one batch: input {tuple(data.shape)}, loss {loss.item():.4f}, backward ok")
     where = run_dir or run_root(config) / (args.run_id or f"<timestamp like {new_run_id()}>")
@@ -183,4 +193,5 @@ def _summary(logger, config: dict, run_dir: Path, trainer, result: dict) -> None
     best = checkpoints / ("best.pth" if (checkpoints / "best.pth").exists() else "last.pth")
     logger.info(f"checkpoints: {checkpoints}")
     logger.info(f"evaluate:    python test.py -r {best}")
-    logger.info(f"tensorboard: tensorboard --logdir {config['trainer']['save_dir']}")
+    if trainer.writer.enabled:
+        logger.info(f"tensorboard: tensorboard --logdir {config['trainer']['save_dir']}")

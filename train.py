@@ -24,7 +24,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="build everything, run one batch forward and backward, write nothing, exit")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may come before and after options (`a=1 --dry-run b=2`).
+    args = parser.parse_intermixed_args(argv)
     if not args.config and not args.resume:
         parser.error("one of -c/--config or -r/--resume is required")
     for item in args.overrides:
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return train_run(args)
     except UserError as exc:
         lines = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
-        for line in lines:
-            print(f"error: {line}", file=sys.stderr)
+        for line in lines:  # one line per problem, even when a library's message spans several
+            print("error: " + " ".join(str(line).splitlines()), file=sys.stderr)
         return exc.exit_code
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,16 +6,15 @@ hook methods named after the steps of the loop (see README: Extending the loop).
 from __future__ import annotations
 
 import math
-import os
-import shutil
+import re
 import time
 from abc import ABCMeta, abstractmethod
 from pathlib import Path
 
 import torch
 
-from checkpoint import (CHECKPOINT_FORMAT, capture_rng, load_model_state, restore_rng, save_checkpoint,
-                        unwrap_model)
+from checkpoint import (CHECKPOINT_FORMAT, capture_rng, link_checkpoint, load_model_state, restore_rng,
+                        save_checkpoint, unwrap_model)
 from data_loader.sampler import mix_seed
 from errors import Interrupted
 from logger import NullWriter, get_logger
@@ -136,6 +135,8 @@ class BaseTrainer(metaclass=ABCMeta):
         for key, value in result.items():
             tag = f"{key[4:]}/val" if key.startswith("val_") else f"{key}/train"
             self.writer.add_scalar(tag, value, self.global_step)
+            if improved:  # the HParams view shows each scalar's newest value: best/* is the best epoch's
+                self.writer.add_scalar(f"best/{key}", value, self.global_step)
         self.writer.add_scalar("time/epoch_seconds", seconds, self.global_step)
         self.writer.add_scalar("epoch", epoch, self.global_step)
         for i, group in enumerate(self.optimizer.param_groups):
@@ -189,41 +190,38 @@ class BaseTrainer(metaclass=ABCMeta):
     def _write(self, state: dict, name: str) -> Path | None:
         if not self.dist.is_main or self.checkpoint_dir is None:
             return None
+        # Everything logged up to this step reaches disk before a checkpoint claims the step: a
+        # resume hides TensorBoard events after the step (purge_step) and must find none missing before.
+        self.writer.flush()
         path = save_checkpoint(state, self.checkpoint_dir / name)
         self.logger.debug(f"saved {path}")
         return path
-
-    def _link(self, source: Path, name: str) -> None:
-        """Another name for a just-written checkpoint, without serialising it again (atomic)."""
-        target = self.checkpoint_dir / name
-        temp = target.with_name(f"{name}.tmp-{os.getpid()}")
-        try:
-            os.link(source, temp)
-        except OSError:
-            shutil.copyfile(source, temp)
-        os.replace(temp, target)
 
     def save_mid_epoch(self) -> None:
         self._write(self.checkpoint_state(epoch_finished=False), "last.pth")
 
     def _save_epoch(self, epoch: int, improved: bool) -> None:
-        state = self.checkpoint_state(epoch_finished=True)
-        last = self._write(state, "last.pth")
-        if last is None:
+        # last.pth is named last: until it says the epoch ended, a resume redoes the epoch's end and
+        # rewrites epoch-N/best, so a kill between the names never leaves those stale.
+        names = [f"epoch-{epoch}.pth"] if self.save_period and epoch % self.save_period == 0 else []
+        names += ["best.pth"] if improved else []
+        names.append("last.pth")
+        first = self._write(self.checkpoint_state(epoch_finished=True), names[0])
+        if first is None:
             return
-        if self.save_period and epoch % self.save_period == 0:
-            self._link(last, f"epoch-{epoch}.pth")
-            self._prune_periodic()
+        for name in names[1:]:
+            link_checkpoint(first, self.checkpoint_dir / name)
         if improved:
-            self._link(last, "best.pth")
             self.logger.info(f"saved best checkpoint ({self.monitor_metric} {self.monitor_best:.4f})")
+        self._prune_periodic()
 
     def _prune_periodic(self) -> None:
         if not self.keep_last:
             return
-        periodic = sorted(self.checkpoint_dir.glob("epoch-*.pth"), key=lambda p: int(p.stem.split("-")[1]))
-        for old in periodic[: -self.keep_last]:
-            old.unlink()
+        numbered = [(int(m.group(1)), p) for p in self.checkpoint_dir.glob("epoch-*.pth")
+                    if (m := re.fullmatch(r"epoch-(\d+)\.pth", p.name))]
+        for _, old in sorted(numbered)[: -self.keep_last]:
+            old.unlink(missing_ok=True)  # best.pth, a link to the same file, keeps it alive if needed
 
     def resume(self, state: dict) -> None:
         """Continue exactly where `state` (a loaded checkpoint) stopped."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,46 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
             temp.unlink()
         except OSError:
             pass
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-        raise TrainingError(f"could not write checkpoint {path}: {reason}") from None
+        raise TrainingError(f"could not write checkpoint {path}: {_reason(exc)}; the previous file is intact") \
+            from None
     return path
+
+
+def _reason(exc: BaseException) -> str:
+    # torch.save turns the OSError of a write (e.g. ENOSPC) into "unexpected pos ..."; the OSError
+    # is kept as its __context__ and says what happened.
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__context__
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def link_checkpoint(source: Path, target: Path) -> Path:
+    """Give a just-written checkpoint another name without serialising it again, atomically.
+
+    A hard link where the file system has them, else a copy (fsynced); then rename and fsync dir.
+    """
+    temp = target.with_name(f"{target.name}{TEMP_MARK}{os.getpid()}")
+    try:
+        if temp.exists():
+            temp.unlink()
+        try:
+            os.link(source, temp)
+        except OSError:
+            shutil.copyfile(source, temp)
+            with open(temp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(temp, target)
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        try:
+            temp.unlink()
+        except OSError:
+            pass
+        raise TrainingError(f"could not write checkpoint {target}: {_reason(exc)}") from None
+    return target
 
 
 def load_checkpoint(path: str | Path) -> dict:

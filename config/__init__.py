@@ -73,6 +73,11 @@ def _check_types(config: dict, problems: list[str]) -> None:
             problems.append(problem)
             metrics = None
     _check_scheduler(config.get("lr_scheduler"), "lr_scheduler", problems)
+    scheduler = config.get("lr_scheduler")
+    if isinstance(scheduler, dict) and scheduler.get("type") == "ReduceLROnPlateau":
+        if scheduler.get("interval") == "step":
+            problems.append("lr_scheduler.interval: ReduceLROnPlateau is fed the monitored metric once per epoch; "
+                            "use interval: epoch")
     trainer = config.get("trainer")
     if isinstance(trainer, dict):
         if isinstance(trainer.get("type"), str):

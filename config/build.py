@@ -10,12 +10,15 @@ from errors import ConfigError
 
 
 def _construct(where: str, target: Callable, *args: Any, **kwargs: Any):
-    """Call a constructor; argument errors it raises are the user's config problem (exit 2)."""
+    """Call a constructor; argument errors it raises are the user's config problem (exit 2).
+
+    torch reports impossible sizes (`num_classes: -3`) as RuntimeError, huge ones as OverflowError.
+    """
     try:
         return target(*args, **kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         name = getattr(target, "__name__", str(target))
-        raise ConfigError(f"{where}: {name}: {exc}") from None
+        raise ConfigError(f"{where}: {name}: {' '.join(str(exc).split())}") from None
 
 
 def build_model(config: dict):

@@ -153,7 +153,7 @@ def apply_overrides(config: dict, overrides: list[str], known: "callable | None"
             where = ".".join(parts[: depth + 1])
             if isinstance(node, list):
                 if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-                    problems.append(f"override {key}: {where}: no list item {part} (the list has {len(node)})")
+                    problems.append(f"override {key}: {'.'.join(parts[:depth])} has no item {part} (it has {len(node)})")
                     break
                 part = int(part)
             elif isinstance(node, dict):

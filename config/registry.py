@@ -52,7 +52,8 @@ def torch_classes(section: str) -> dict[str, type]:
     else:
         module, bases = schedulers, (schedulers.LRScheduler, schedulers.ReduceLROnPlateau)
     return {name: obj for name, obj in vars(module).items()
-            if isinstance(obj, type) and issubclass(obj, bases) and obj not in bases and not name.startswith("_")}
+            if isinstance(obj, type) and issubclass(obj, bases) and obj is not bases[0]  # ReduceLROnPlateau is usable
+            and not name.startswith("_")}
 
 
 @lru_cache(maxsize=None)
@@ -138,20 +139,22 @@ def _type_problem(value: Any, default: Any, annotation: Any = None) -> str | Non
     Only scalars are judged: a number where the default is a number (a list is let through, as
     ReduceLROnPlateau's min_lr takes one per group), a boolean where it is a boolean, a string where
     it is a string. A default of None says nothing about the type. A `Literal[...]` annotation
-    (torch's `mode='fan_in'`) gives the choices.
+    (torch's `mode='fan_in'`) gives the choices. Returns "expected ..." text, or None when fine.
     """
     if value is None or default is None or default is inspect.Parameter.empty:
         return None
     choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ()
     if choices and value not in choices:
-        return f"one of {', '.join(map(str, choices))}"
+        return f"one of {', '.join(map(str, choices))}, got {short(value)}{suggest(value, choices)}"
     if isinstance(default, bool):
-        return None if isinstance(value, bool) else "true or false"
-    if _is_number(default):
-        return None if _is_number(value) or isinstance(value, list) else "a number"
-    if isinstance(default, str):
-        return None if isinstance(value, str) else "a string"
-    return None
+        expected = None if isinstance(value, bool) else "true or false"
+    elif _is_number(default):
+        expected = None if _is_number(value) or isinstance(value, list) else "a number"
+    elif isinstance(default, str):
+        expected = None if isinstance(value, str) else "a string"
+    else:
+        expected = None
+    return expected and f"{expected} (the default is {default!r}), got {short(value)}"
 
 
 def check_args(target: Callable, args: dict, where: str, injected: tuple[str, ...] = (),
@@ -181,8 +184,7 @@ def check_args(target: Callable, args: dict, where: str, injected: tuple[str, ..
             continue
         expected = _type_problem(value, named[key].default, named[key].annotation) if key in named else None
         if expected:
-            problems.append(f"{where}.{key}: expected {expected} (the default is {named[key].default!r}), "
-                            f"got {short(value)}{suggest(value, [named[key].default]) if isinstance(value, str) else ''}")
+            problems.append(f"{where}.{key}: expected {expected}")
             continue
         out[key] = value
     for name, param in named.items():

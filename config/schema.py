@@ -2,11 +2,12 @@
 
 `validate` checks a raw config against it and returns a new dict with defaults filled in; it
 collects every problem before raising, so one run shows the user all of them. `docs/CONFIG.md` is
-generated from this table (`python -m config.schema`) and a test keeps the two equal.
+generated from this table (`python -m config > docs/CONFIG.md`) and a test keeps the two equal.
 """
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -31,9 +32,9 @@ class Key:
     nullable: bool = False  # None is a valid value (an optional section or number)
 
 
-def _typed(what: str, extra: dict | None = None, optional: bool = False) -> Key:
+def _typed(what: str, names: str, extra: dict | None = None, optional: bool = False) -> Key:
     keys = {
-        "type": Key("str", f"name of the {what} class or function"),
+        "type": Key("str", names),
         "args": Key("dict", "keyword arguments of its constructor, checked against its signature", {}),
     }
     keys.update(extra or {})
@@ -48,7 +49,7 @@ SCHEMA: dict[str, Key] = {
     "device": Key("str", "auto | cpu | cuda | cuda:N | mps (auto: cuda if available, else mps, else cpu)", "auto"),
     "seed": Key("int", "seeds Python, NumPy, torch, the data order and the DataLoader workers", 0, minimum=0,
                 maximum=2**63 - 1),
-    "arch": _typed("model (a class in model/ or a torchvision.models name)", {
+    "arch": _typed("model", "a model class in model/, or a torchvision.models name (built with weights=None)", {
         "init": Key("section", "weight initialisation applied with model.apply before the optimizer is built",
                     None, nullable=True, keys={
                         "type": Key("str", "kaiming_normal | kaiming_uniform | xavier_normal | xavier_uniform | "
@@ -59,11 +60,14 @@ SCHEMA: dict[str, Key] = {
                           nullable=True),
         "strict": Key("bool", "with pretrained: false loads only matching keys and logs the others", True),
     }),
-    "data_loader": _typed("data loader (a BaseDataLoader subclass in data_loader/)"),
-    "optimizer": _typed("optimizer (a torch.optim class); params are passed by the builder"),
-    "loss": Key("loss", "name of a function in model/loss.py, or {type, args} to bind keyword arguments"),
+    "data_loader": _typed("data loader", "a BaseDataLoader subclass in data_loader/"),
+    "optimizer": _typed("optimizer", "a torch.optim class; the builder passes the model's parameters"),
+    "loss": Key("loss", "name of a function in model/loss.py, or {type, args} to bind keyword arguments",
+                keys={"type": Key("str", "a function in model/loss.py"),
+                      "args": Key("dict", "keyword arguments bound to it, checked against its signature", {})}),
     "metrics": Key("list", "names of functions in model/metric.py", [], item="str"),
-    "lr_scheduler": _typed("LR scheduler (a torch.optim.lr_scheduler class); optimizer is passed by the builder", {
+    "lr_scheduler": _typed("LR scheduler", "a torch.optim.lr_scheduler class; the builder passes the optimizer; "
+                           "SequentialLR and ChainedScheduler take schedulers: [{type, args}, ...]", {
         "interval": Key("str", "step the scheduler every epoch or every optimizer step", "epoch",
                         choices=("epoch", "step")),
     }, optional=True),
@@ -190,7 +194,7 @@ def _validate_value(value: Any, key: Key, where: str, problems: list[str]) -> An
     if key.kind == "section":
         return _validate_section(value, key.keys, where, problems)
     if key.kind == "loss" and isinstance(value, dict):
-        return _validate_section(value, {"type": Key("str", ""), "args": Key("dict", "", {})}, where, problems)
+        return _validate_section(value, key.keys, where, problems)
     if key.kind == "list" and key.item:
         for i, item in enumerate(value):
             item_ok, _ = _kind_ok(key.item, item)
@@ -224,13 +228,13 @@ def validate(raw: dict, problems: list[str]) -> dict:
 def is_known_path(parts: list[str]) -> bool:
     """Is `a.b.c` a key of the schema (used to let overrides set keys absent from the file)?"""
     keys, key = SCHEMA, None
-    for i, part in enumerate(parts):
-        if key is not None and key.kind in ("dict",) or (key is not None and key.kind == "loss"):
+    for part in parts:
+        if key is not None and key.kind == "dict":
             return True  # free-form constructor arguments: checked later against the signature
-        if keys is None or part not in keys:
+        if not keys or part not in keys:
             return False
         key = keys[part]
-        keys = key.keys if key.kind == "section" else None
+        keys = key.keys
     return True
 
 
@@ -239,41 +243,66 @@ def keys_under(parts: list[str]) -> list[str]:
     keys = SCHEMA
     for part in parts:
         key = keys.get(part)
-        if key is None or key.kind != "section":
+        if key is None:
             return []
         keys = key.keys
     return list(keys)
 
 
+TYPE_NAMES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "list",
+              "dict": "mapping", "section": "section", "loss": "string or section"}
+
+
+def _type_cell(key: Key) -> str:
+    text = TYPE_NAMES[key.kind] + (f" of {TYPE_NAMES[key.item]}s" if key.item else "")
+    if key.choices:
+        text += ": " + " \\| ".join(key.choices)
+    if key.minimum is not None:
+        text += f", {'>' if key.exclusive_minimum else '>='} {key.minimum:g}"
+    if key.maximum is not None:
+        text += f", <= {key.maximum:g}" if key.maximum < 1e6 else f", < 2^{int(math.log2(key.maximum + 1))}"
+    return text + (", or null" if key.nullable and key.kind not in ("section",) else "")
+
+
 def reference_rows(keys: dict[str, Key] | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key, type, default, meaning) for every key, depth first, for docs/CONFIG.md."""
     rows = []
-    for name, key in (keys or SCHEMA).items():
+    for name, key in (SCHEMA if keys is None else keys).items():
         path = f"{prefix}{name}"
-        default = "required" if key.default is REQUIRED else repr(key.default) if key.default is not None else "null"
-        kind = key.kind + (f" of {key.item}" if key.item else "")
-        rows.append((path, kind, default, key.doc))
-        if key.kind == "section":
-            rows.extend(reference_rows(key.keys, path + "."))
+        default = "required" if key.default is REQUIRED else f"`{json.dumps(key.default)}`"
+        rows.append((path, _type_cell(key), default, key.doc))
+        rows.extend(reference_rows(key.keys, path + "."))
     return rows
 
 
 def render_reference() -> str:
+    """docs/CONFIG.md (`python -m config > docs/CONFIG.md`)."""
     lines = [
         "# Config reference",
         "",
-        "Generated from `config/schema.py` by `python -m config.schema > docs/CONFIG.md`; a test keeps",
-        "the two equal. JSON and YAML are two spellings of this one schema. `args` mappings are the",
-        "keyword arguments of the named constructor and are checked against its signature.",
+        "Generated from `config/schema.py` by `python -m config > docs/CONFIG.md`; a test fails when the",
+        "two differ. JSON and YAML are two spellings of this one schema (chosen by the file extension).",
+        "",
+        "- Every swappable object is `{type, args}`: `type` names a class or function among this",
+        "  project's models, data loaders, trainers, losses and metrics, `torch.optim`,",
+        "  `torch.optim.lr_scheduler` and `torchvision.models`; nothing else can be reached (no import",
+        "  paths). `args` are the keyword arguments of that constructor, with the same names, checked",
+        "  against its signature (unknown names, missing required ones, types judged by the defaults).",
+        "- A section with default `null` is optional; inside it, `required` keys are required only when",
+        "  the section is given.",
+        "- In YAML, `1e-3` is read as a number (PyYAML alone would read a string); dates stay strings;",
+        "  duplicate keys, NaN and infinities are errors.",
+        "- Command-line overrides `key.path=value` use YAML scalar rules; list items by index",
+        "  (`metrics.0=accuracy`). `--lr` and `--bs` set `optimizer.args.lr` and",
+        "  `data_loader.args.batch_size`.",
+        "- Every problem is reported at once, one line each, with exit status 2, before anything is",
+        "  written. `python train.py -c CONFIG --print-config` shows the resolved config with every",
+        "  default filled in.",
         "",
         "| key | type | default | meaning |",
         "|---|---|---|---|",
     ]
     for path, kind, default, doc in reference_rows():
-        doc = doc.replace("|", "\\|")
-        lines.append(f"| `{path}` | {kind} | `{default}` | {doc} |")
+        doc = doc.replace("|", "\\|").replace("<", "\\<")
+        lines.append(f"| `{path}` | {kind} | {default} | {doc} |")
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    print(render_reference(), end="")

@@ -52,11 +52,14 @@ class EpochSampler(Sampler[int]):
         return self.indices[torch.randperm(len(self.indices), generator=generator)]
 
     def __iter__(self) -> Iterator[int]:
-        remaining = self.order()[self.start:]
+        order = self.order()
+        remaining = order[self.start:]
         if self.world_size > 1:
             if self.pad and len(remaining) % self.world_size:
+                # Padding repeats the first items of the epoch (not of the remaining part): a run
+                # resumed mid-epoch then pads exactly as the uninterrupted run did.
                 extra = self.world_size - len(remaining) % self.world_size
-                remaining = torch.cat([remaining, remaining.repeat(extra)[:extra]])
+                remaining = torch.cat([remaining, order.repeat(extra)[:extra]])
             remaining = remaining[self.rank::self.world_size]
         return iter(remaining.tolist())
 

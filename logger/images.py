@@ -10,6 +10,7 @@ import torch
 
 TILE = 96          # pixels per sample: tiny images are scaled up so a person can see them
 CAPTION = 14       # pixels of caption below each tile
+GAP = 4            # pixels between tiles
 CORRECT, WRONG = (80, 220, 80), (255, 80, 80)
 
 
@@ -32,8 +33,10 @@ def sample_grid(data: torch.Tensor, target: torch.Tensor, output: torch.Tensor, 
     (green when right, red when wrong); None when the batch is not images with class scores."""
     if data.dim() == 3:
         data = data.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
-    if data.dim() != 4 or data.shape[1] not in (1, 3) or output.dim() != 2 or target.dim() != 1:
+    if data.dim() != 4 or data.shape[1] not in (1, 3):
         return None
+    if output.dim() != 2 or output.shape[1] < 2 or target.dim() != 1 or target.is_floating_point():
+        return None  # not classification: no labels to show
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -49,7 +52,7 @@ def sample_grid(data: torch.Tensor, target: torch.Tensor, output: torch.Tensor, 
         images = images.expand(-1, 3, -1, -1)
     columns = min(n, 8)
     rows = -(-n // columns)
-    canvas = Image.new("RGB", (columns * TILE, rows * (TILE + CAPTION)), (0, 0, 0))
+    canvas = Image.new("RGB", (columns * (TILE + GAP) - GAP, rows * (TILE + CAPTION)), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     name = (lambda i: classes[i] if classes and 0 <= i < len(classes) else str(i))
     for k in range(n):
@@ -57,7 +60,7 @@ def sample_grid(data: torch.Tensor, target: torch.Tensor, output: torch.Tensor, 
         scale = TILE / max(tile.size)
         size = (max(1, round(tile.size[0] * scale)), max(1, round(tile.size[1] * scale)))
         tile = tile.resize(size, Image.NEAREST if scale >= 1 else Image.BILINEAR)
-        x, y = (k % columns) * TILE, (k // columns) * (TILE + CAPTION)
+        x, y = (k % columns) * (TILE + GAP), (k // columns) * (TILE + CAPTION)
         canvas.paste(tile, (x, y))
         colour = CORRECT if true[k] == predicted[k] else WRONG
         draw.text((x + 2, y + TILE + 1), f"t:{name(true[k])[:5]} p:{name(predicted[k])[:5]}", fill=colour)

@@ -1,4 +1,8 @@
-"""Console and `train.log` (appended on resume) for the whole project, under the logger name "train"."""
+"""Console and `train.log` (appended on resume) for the whole project, under the logger name "train".
+
+`verbosity` sets what the console shows (0: warnings and errors, 1: info, 2: debug); `train.log`
+always gets everything, so a quiet run still leaves a full record.
+"""
 from __future__ import annotations
 
 import logging
@@ -13,16 +17,29 @@ def get_logger(name: str | None = None) -> logging.Logger:
     return logging.getLogger(NAME if name is None else f"{NAME}.{name}")
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Writes around a live tqdm bar (clears it, writes the line, redraws it) instead of breaking it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm = sys.modules.get("tqdm")  # bars exist only if tqdm was imported
+        if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):
+            with tqdm.tqdm.external_write_mode(file=self.stream):
+                super().emit(record)
+        else:
+            super().emit(record)
+
+
 def setup_logging(run_dir: str | Path | None, verbosity: int = 2, is_main: bool = True) -> logging.Logger:
     """Log to stdout and, on the main process, to <run_dir>/train.log; other ranks only warn."""
     logger = get_logger()
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    logger.setLevel(LEVELS[verbosity] if is_main else logging.WARNING)
+    logger.setLevel(logging.DEBUG if is_main else logging.WARNING)
     logger.propagate = False
-    console = logging.StreamHandler(sys.stdout)
+    console = ConsoleHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
+    console.setLevel(LEVELS[verbosity])
     logger.addHandler(console)
     if run_dir is not None and is_main:
         file_handler = logging.FileHandler(Path(run_dir) / "train.log", mode="a", encoding="utf-8")

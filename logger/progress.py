@@ -1,41 +1,68 @@
-"""Progress: a tqdm bar on a terminal; on a pipe or file, a plain log line every `interval` seconds."""
+"""Progress of an epoch: a tqdm bar on a terminal; on a pipe or file, a plain log line every `interval`
+seconds (no carriage returns, so CI logs and `> file` stay readable).
+
+The caller decides `enabled`: only the main process, and only at verbosity >= 1, draws anything.
+"""
 from __future__ import annotations
 
+import os
 import sys
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from logger.logging import get_logger
 
+POSTFIX_SECONDS = 0.5  # how often the bar's loss/metrics are read (each read syncs with the device)
+
+
+def _columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError):
+        return 0
+
 
 class Progress:
-    """Wraps an iterable of batches. `postfix` is shown (bar) or logged (lines); it is only read
-    every `refresh` batches, so reading it may sync with the device without costing every step."""
+    """Wraps an iterable of batches. `postfix`, a callable returning {name: value}, is shown in the bar
+    or in the log line; it is called at most every POSTFIX_SECONDS on a terminal and once per log line
+    otherwise, never per step."""
 
     def __init__(self, iterable: Iterable, total: int, desc: str, enabled: bool = True, initial: int = 0,
-                 refresh: int = 20, interval: float = 30.0):
+                 interval: float = 30.0):
         self.iterable, self.total, self.desc, self.initial = iterable, total, desc, initial
         self.enabled = enabled
-        self.refresh = refresh
-        self.postfix = None  # a callable returning {name: value}
+        self.postfix: Callable[[], dict] | None = None
         self.tty = enabled and sys.stdout.isatty()
         self.interval = interval
 
     def __iter__(self) -> Iterator:
         if not self.enabled:
             yield from self.iterable
-            return
-        if self.tty:
-            from tqdm import tqdm
+        elif self.tty:
+            yield from self._bar()
+        else:
+            yield from self._lines()
 
-            bar = tqdm(self.iterable, total=self.total, initial=self.initial, desc=self.desc, leave=False,
-                       dynamic_ncols=True, file=sys.stdout)
-            for i, item in enumerate(bar, start=1):
+    def _bar(self) -> Iterator:
+        from tqdm import tqdm
+
+        # leave=False: the bar disappears at the end of the epoch; the epoch's summary line stays.
+        # A terminal that reports a 0x0 size (a bare pty, some containers) would hide the bar: use 80x24.
+        width = {"dynamic_ncols": True} if _columns() else {"ncols": 80, "nrows": 24}
+        bar = tqdm(self.iterable, total=self.total, initial=self.initial, desc=self.desc, leave=False,
+                   file=sys.stdout, unit="batch", **width)
+        try:
+            next_postfix = 0.0  # the first batch already shows values
+            for item in bar:
                 yield item
-                if self.postfix is not None and i % self.refresh == 0:
+                now = time.monotonic()
+                if self.postfix is not None and now >= next_postfix:
+                    next_postfix = now + POSTFIX_SECONDS
                     bar.set_postfix({k: f"{v:.4g}" for k, v in self.postfix().items()}, refresh=False)
+        finally:
             bar.close()
-            return
+
+    def _lines(self) -> Iterator:
         logger, start = get_logger(), time.perf_counter()
         next_report = start + self.interval
         for i, item in enumerate(self.iterable, start=self.initial + 1):

@@ -1,13 +1,26 @@
-"""TensorBoard: a SummaryWriter, or an explicit do-nothing writer when it is off or not installed."""
+"""TensorBoard: a SummaryWriter, or an explicit do-nothing writer when it is off or not installed.
+
+Every series uses the global optimizer step as x. A resumed run opens its writer with
+`purge_step = checkpoint step + 1`, and a new run with `purge_step = 0`: that writes a session-start
+marker into every session, so TensorBoard drops the events a killed run wrote after its last
+checkpoint. (TensorBoard ignores the first marker of a run, so without one from the first session the
+first resume would not purge.)
+"""
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import warnings
 from pathlib import Path
 
 from logger.logging import get_logger
 
+FLUSH_SECONDS = 10  # a background thread writes events out; a person watching sees each epoch soon
+
 
 class NullWriter:
-    """Stands in for SummaryWriter when TensorBoard is off: every call does nothing."""
+    """Stands in for the writer when TensorBoard is off or on ranks other than 0: every call does nothing."""
 
     enabled = False
 
@@ -16,13 +29,51 @@ class NullWriter:
     def add_image(self, *args, **kwargs) -> None: ...
     def add_text(self, *args, **kwargs) -> None: ...
     def add_graph(self, *args, **kwargs) -> None: ...
-    def add_hparams_summary(self, *args, **kwargs) -> None: ...
+    def add_run_start(self, *args, **kwargs) -> None: ...
+    def add_sample_grid(self, *args, **kwargs) -> None: ...
+    def add_model_graph(self, *args, **kwargs) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
 
+def flatten_hparams(config: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
+    """{"optimizer.args.lr": 0.002, ...}: the scalar leaves of a config; lists and None become text."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value)
+    return flat
+
+
+def session_start_summary(hparams: dict[str, bool | int | float | str]):
+    """The HParams plugin's session-start summary. Only this one: an experiment summary in each run
+    would make TensorBoard take the first run's hyperparameter list for all runs; without one, it
+    unites the lists of all runs. (torch's `hparams()` would also store booleans as numbers.)"""
+    import time
+
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    info = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
+    for name, value in hparams.items():
+        if isinstance(value, bool):
+            info.hparams[name].bool_value = value
+        elif isinstance(value, (int, float)):
+            info.hparams[name].number_value = value
+        else:
+            info.hparams[name].string_value = str(value)
+    content = plugin_data_pb2.HParamsPluginData(session_start_info=info)
+    return Summary(value=[Summary.Value(tag=metadata.SESSION_START_INFO_TAG, tensor=metadata.NULL_TENSOR,
+                                        metadata=metadata.create_summary_metadata(content))])
+
+
 def make_writer(log_dir: str | Path | None, enabled: bool, purge_step: int | None = None):
-    """`purge_step`: on resume, TensorBoard hides events at steps >= it that a killed run left behind."""
+    """`purge_step`: the first step this session writes (checkpoint step + 1 on resume, else 0)."""
     if not enabled or log_dir is None:
         return NullWriter()
     try:
@@ -35,13 +86,53 @@ def make_writer(log_dir: str | Path | None, enabled: bool, purge_step: int | Non
     class Writer(SummaryWriter):
         enabled = True
 
-        def add_hparams_summary(self, hparams: dict, metrics: dict) -> None:
-            """Hyperparameters with their best metric values, in this run's own event file."""
-            from torch.utils.tensorboard.summary import hparams as hparams_summary
+        def add_run_start(self, config: dict) -> None:
+            """Once per run (not on resume), at step 0 so no purge removes it: the hyperparameters for the
+            HParams view and the resolved config as text. The metric columns of the HParams view are the
+            run's scalars (their newest values): `best/<metric>` holds the best epoch's values."""
+            import yaml
 
-            experiment, start, end = hparams_summary(hparams, metrics)
-            writer = self._get_file_writer()
-            for summary in (experiment, start, end):
-                writer.add_summary(summary)
+            self._get_file_writer().add_summary(session_start_summary(flatten_hparams(config)), 0)
+            text = yaml.safe_dump(config, sort_keys=False)
+            self.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)  # a code block
+            self.flush()  # a run killed in its first minute still shows its hyperparameters
 
-    return Writer(log_dir=str(log_dir), purge_step=purge_step)
+        def add_sample_grid(self, tag: str, data, target, output, step: int,
+                            classes: list[str] | None = None) -> None:
+            from logger.images import sample_grid
+
+            try:
+                grid = sample_grid(data, target, output, classes=classes)
+            except ImportError as exc:  # Pillow comes with torchvision, but may be absent
+                self._note_once("images", f"TensorBoard sample images skipped: {exc}")
+                return
+            if grid is not None:
+                self.add_image(tag, grid, step, dataformats="CHW")
+
+        def add_model_graph(self, model, inputs) -> None:
+            """The model graph, traced once in eval mode; a model that does not trace gets a note instead."""
+            import torch
+
+            was_training = model.training
+            model.eval()
+            try:
+                # fork_rng: tracing must not shift the random streams of training (TensorBoard on or off
+                # trains the same model); redirect_stdout: torch prints its own error on a failed trace.
+                with torch.random.fork_rng(devices=[]), torch.no_grad(), warnings.catch_warnings(), \
+                        contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    self.add_graph(model, inputs)
+            except Exception as exc:  # noqa: BLE001 - any tracing failure only costs the graph
+                message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                get_logger().info(f"TensorBoard graph skipped: the model does not trace "
+                                  f"({type(exc).__name__}: {message})")
+            finally:
+                model.train(was_training)
+
+        def _note_once(self, key: str, message: str) -> None:
+            noted = self.__dict__.setdefault("_noted", set())
+            if key not in noted:
+                noted.add(key)
+                get_logger().info(message)
+
+    return Writer(log_dir=str(log_dir), purge_step=purge_step or 0, flush_secs=FLUSH_SECONDS)

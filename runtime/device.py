@@ -23,6 +23,9 @@ def resolve_device(spec: str, n_gpu: int | None = None, local_rank: int | None =
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"device: {spec!r} requested but CUDA is not available here (use device: cpu or auto)")
+        if ":" in spec and local_rank is not None:
+            raise ConfigError(f"device: {spec!r} would put every torchrun process on one GPU; use device: cuda "
+                              f"(each process takes cuda:LOCAL_RANK)")
         index = int(spec.split(":")[1]) if ":" in spec else (local_rank or 0)
         if index >= torch.cuda.device_count():
             raise ConfigError(f"device: {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")

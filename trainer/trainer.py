@@ -9,7 +9,9 @@ from base import BaseTrainer
 from checkpoint import unwrap_model
 from errors import Interrupted, TrainingError
 from logger import Progress
+from logger.images import class_names
 from runtime.distributed import all_reduce
+from trainer.callbacks import build_callbacks
 
 
 class Trainer(BaseTrainer):
@@ -28,6 +30,8 @@ class Trainer(BaseTrainer):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.metric_names = ["loss"] + [fn.__name__ for fn in self.metric_fns]
         self.histograms = cfg["histograms"] and self.writer.enabled
+        self.images = cfg["images"] and self.writer.enabled
+        self.callbacks = build_callbacks(self.config, unwrap_model(self.model))
 
     def _new_totals(self) -> dict:
         return {name: torch.zeros((), dtype=torch.float64, device=self.device) for name in self.metric_names + ["n"]}
@@ -56,11 +60,12 @@ class Trainer(BaseTrainer):
             for k, v in self.epoch_totals.items():
                 totals[k] += v.to(self.device)
         self.epoch_totals = totals
-        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        loss_nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         progress = Progress(self.data_loader, total, f"epoch {epoch}", self.dist.is_main and self.verbosity > 0,
                             initial=self.batch_in_epoch)
         progress.postfix = lambda: {k: totals[k].item() / max(totals["n"].item(), 1) for k in self.metric_names}
         started, samples = time.perf_counter(), 0
+        output = None
         for data, target in progress:
             data, target = data.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
             group_start = self.batch_in_epoch - self.batch_in_epoch % self.accumulate
@@ -74,13 +79,13 @@ class Trainer(BaseTrainer):
             # Dividing by the group size makes k micro-batches of b the same update as one batch of k*b.
             self.scaler.scale(loss / group_size).backward()
             self._accumulate(totals, loss, output.detach(), target)
-            nonfinite |= ~torch.isfinite(loss.detach())
+            loss_nonfinite |= ~torch.isfinite(loss.detach())
             self.batch_in_epoch += 1
             self.samples_in_epoch += target.shape[0] * self.dist.world_size
             samples += target.shape[0]
             if last_in_group:
-                self._optimizer_step(nonfinite)
-                self.on_batch_end(self.batch_in_epoch - 1, loss)
+                self._optimizer_step(loss_nonfinite)
+                self._hook("on_batch_end", self.batch_in_epoch - 1, loss)
                 if self.global_step % self.log_every == 0:
                     self.writer.add_scalar("loss/train_step", loss.detach(), self.global_step)
                 if self.save_every and self.global_step % self.save_every == 0 and self.batch_in_epoch < total:
@@ -97,6 +102,8 @@ class Trainer(BaseTrainer):
                 self.writer.add_histogram(f"weights/{name}", param.detach(), self.global_step)
                 if param.grad is not None:
                     self.writer.add_histogram(f"grads/{name}", param.grad.detach(), self.global_step)
+        if self.valid_data_loader is None and output is not None:  # without validation, show the last batch
+            self._log_batch_views(epoch, "train", self.data_loader, (data, target, output.detach()))
         result = self._averages(totals, reduce=True)
         self.epoch_totals = None
         return result
@@ -107,21 +114,21 @@ class Trainer(BaseTrainer):
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def _optimizer_step(self, nonfinite: torch.Tensor) -> None:
+    def _optimizer_step(self, loss_nonfinite: torch.Tensor) -> None:
         self.scaler.unscale_(self.optimizer)  # clip and check true gradients (a no-op without fp16)
         params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # logged before clipping
         if self.clip_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.clip_value)
         if self.clip_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if not self.scaler.is_enabled():  # with fp16 the GradScaler skips steps with inf/nan gradients
-            nonfinite |= ~torch.isfinite(grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+        # With fp16 the GradScaler skips steps with inf/nan gradients: an overflow is not an error.
+        grad_nonfinite = ~torch.isfinite(grad_norm.to(self.device)) & (not self.scaler.is_enabled())
+        flags = torch.stack([loss_nonfinite, grad_nonfinite]).float()
         if self.dist.enabled:  # every rank must take the same decision
-            nonfinite = all_reduce(nonfinite.float(), op=torch.distributed.ReduceOp.MAX).bool()
-        if nonfinite.item():
-            self._raise_nonfinite()
+            flags = all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        if flags.any().item():
+            self._raise_nonfinite(loss=bool(flags[0]))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.lr_scheduler is not None and self.scheduler_interval == "step":
@@ -132,14 +139,26 @@ class Trainer(BaseTrainer):
             for i, group in enumerate(self.optimizer.param_groups):
                 self.writer.add_scalar(f"lr/group{i}_step", group["lr"], self.global_step)
 
-    def _raise_nonfinite(self) -> None:
-        step = self.global_step + 1
+    def _raise_nonfinite(self, loss: bool) -> None:
+        step, kept = self.global_step + 1, "checkpoints on disk are from before it"
+        if loss:
+            raise TrainingError(f"non-finite loss at step {step} (epoch {self.epoch}); {kept}")
         for name, param in unwrap_model(self.model).named_parameters():
             if param.grad is not None and not torch.isfinite(param.grad).all():
                 raise TrainingError(f"non-finite gradient at step {step} (epoch {self.epoch}) in parameter "
-                                    f"{name!r}; the last checkpoint on disk is from before it")
-        raise TrainingError(f"non-finite loss at step {step} (epoch {self.epoch}); the last checkpoint on disk "
-                            f"is from before it")
+                                    f"{name!r}; {kept}")
+        raise TrainingError(f"non-finite gradient norm at step {step} (epoch {self.epoch}); {kept}")
+
+    def checkpoint_state(self, epoch_finished: bool) -> dict:
+        # Finite gradients can still make non-finite weights (a learning rate far too large): such a
+        # state must never replace the last good checkpoint. One host sync per save.
+        params = list(unwrap_model(self.model).named_parameters())
+        if not torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).all().item():
+            name = next(n for n, p in params if not torch.isfinite(p.detach()).all())
+            raise TrainingError(f"non-finite weights after step {self.global_step} (epoch {self.epoch}) in "
+                                f"parameter {name!r} (learning rate far too large?); checkpoints on disk are from "
+                                f"before it")
+        return super().checkpoint_state(epoch_finished)
 
     @torch.no_grad()
     def _valid_epoch(self, epoch: int) -> dict:
@@ -147,11 +166,28 @@ class Trainer(BaseTrainer):
         model.eval()
         totals = self._new_totals()
         progress = Progress(self.valid_data_loader, len(self.valid_data_loader), f"valid {epoch}",
-                            self.dist.is_main and self.verbosity > 1)
+                            self.dist.is_main and self.verbosity > 0)
+        progress.postfix = lambda: {k: totals[k].item() / max(totals["n"].item(), 1) for k in self.metric_names}
+        first = None
         for data, target in progress:
             data, target = data.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
             with self.autocast:
                 output = model(data)
                 loss = self.criterion(output, target)
             self._accumulate(totals, loss, output, target)
+            if first is None:
+                first = (data, target, output)
+        self._log_batch_views(epoch, "val", self.valid_data_loader, first)
         return self._averages(totals, reduce=True)
+
+    def _log_batch_views(self, epoch: int, split: str, loader, batch) -> None:
+        """Once per epoch, from a batch already computed (no extra forward pass or data loading): a grid of
+        inputs captioned with true and predicted labels; in the first epoch also the model graph."""
+        if batch is None or not self.writer.enabled:
+            return
+        data, target, output = batch
+        if self.images:
+            self.writer.add_sample_grid(f"samples/{split}", data, target, output, self.global_step,
+                                        classes=class_names(loader))
+        if epoch == 1:
+            self.writer.add_model_graph(unwrap_model(self.model), data[:2])

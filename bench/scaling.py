@@ -1,0 +1,67 @@
+"""Scaling: 2 processes x 1 thread under torchrun against 1 process x 1 thread, samples/s of the
+digits config at a fixed per-process batch (target >= 1.5); and the scaffold's DDP throughput
+against a hand-written DDP loop (bench/ddp_hand.py) on the same model and data (target: step
+time within 1.05, i.e. throughput ratio >= 0.952).
+
+    python bench/scaling.py
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from common import ROOT, temp_dir
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def scaffold_rate(processes: int, epochs: int, batch_size: int) -> float:
+    """Median train samples/s over epochs 2..N, read back from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    save_dir = temp_dir()
+    args = ["train.py", "-c", "configs/digits.yaml", f"trainer.save_dir={save_dir}", f"trainer.epochs={epochs}",
+            "trainer.early_stop=0", "trainer.verbosity=0", f"data_loader.args.batch_size={batch_size}",
+            "--run-id", "bench"]
+    command = ([*TORCHRUN, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]) + args
+    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   stdout=subprocess.DEVNULL)
+    events = EventAccumulator(str(Path(save_dir) / "digits" / "bench"), size_guidance={"scalars": 0})
+    events.Reload()
+    rates = [e.value for e in events.Scalars("throughput/train_samples_per_s")]
+    return statistics.median(rates[1:])
+
+
+def hand_rate(processes: int, epochs: int, batch_size: int) -> float:
+    out = subprocess.run([*TORCHRUN, f"--nproc_per_node={processes}", "bench/ddp_hand.py", str(epochs),
+                          str(batch_size)], cwd=ROOT, check=True, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return float(out.stdout.strip().splitlines()[-1].split(":")[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    scaling, versus_hand = [], []
+    for _ in range(args.rounds):
+        one = scaffold_rate(1, args.epochs, args.batch_size)
+        two = scaffold_rate(2, args.epochs, args.batch_size)
+        hand = hand_rate(2, args.epochs, args.batch_size)
+        scaling.append(two / one)
+        versus_hand.append(two / hand)
+        print(f"samples/s: 1 process {one:.0f}, 2 processes {two:.0f}, hand-written DDP {hand:.0f}")
+    print(f"scaffold DDP / hand-written DDP throughput: median {statistics.median(versus_hand):.3f} "
+          f"(target >= 0.952, i.e. step time within 1.05)")
+    print(f"2 processes / 1 process: median {statistics.median(scaling):.3f} (target >= 1.5)")
+    print(f"{statistics.median(scaling):.3f}")
+
+
+if __name__ == "__main__":
+    main()
