@@ -70,6 +70,9 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     state = {**state, "checksum": state_digest(state)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise TrainingError(f"could not write checkpoint {path}: {path.parent} is not a directory") from None
+    try:
         with open(temp, "wb") as handle:
             torch.save(state, handle)
             handle.flush()

@@ -1,6 +1,6 @@
 """torchrun + DDP on CPU (gloo, 2 processes): equivalence with one process, one run directory,
 exact resume, SIGTERM, validation reduction. torchrun launches cost ~5-10 s each here, so the
-module runs four of them and every test reads what they left behind.
+module runs four of them (one as two loopback "nodes") and every test reads what they left behind.
 """
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,23 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.Com
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def torchrun_two_nodes(*args: str, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Two 1-process "nodes" meeting over loopback with the multi-node flags the README documents."""
+    with socket.socket() as probe:  # a free port for the c10d rendezvous store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(TORCHRUN), "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test", str(ROOT / "train.py"), *args]
+    nodes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=timeout) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    return [subprocess.CompletedProcess(command, node.returncode, out, err) for node, (out, err) in zip(nodes, outputs)]
+
+
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -68,39 +87,49 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def equivalence(tmp_path_factory) -> dict:
-    """The MLP config trained by 1 process (batch 68) and by 2 processes (batch 34 each)."""
+    """The MLP config trained by 1 process (batch 68) and by 2 processes (batch 34 each).
+
+    The 2 processes run as two 1-process nodes over loopback, so the multi-node rendezvous is
+    covered too; the --standalone launch is covered by the digits runs below.
+    """
     tmp = tmp_path_factory.mktemp("equivalence")
     config = tmp / "mlp.yaml"
     config.write_text(yaml.safe_dump({**MLP_CONFIG, "trainer": {**MLP_CONFIG["trainer"], "save_dir": str(tmp)}}))
     ok(run_script("train.py", "-c", str(config), "--run-id", "one", env=ONE_THREAD))
-    two = ok(torchrun("-c", str(config), "--run-id", "two", "--bs", "34"))
-    return {"one": tmp / "equiv" / "one", "two": tmp / "equiv" / "two", "output": two.stdout}
+    nodes = [ok(node) for node in torchrun_two_nodes("--run-id", "two", "-c", str(config), "--bs", "34")]
+    return {"one": tmp / "equiv" / "one", "two": tmp / "equiv" / "two", "output": nodes[0].stdout + nodes[1].stdout}
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> dict:
     """configs/digits.yaml under 2 processes: a whole run, and a run stopped by SIGTERM to torchrun."""
     tmp = tmp_path_factory.mktemp("digits")
-    whole = ok(torchrun(*DIGITS, f"trainer.save_dir={tmp / 'whole'}"))
+    ok(torchrun(*DIGITS, f"trainer.save_dir={tmp / 'whole'}"))
 
-    # SIGTERM right after the save at step 25: the stop lands in epoch 2 before its padded last batch
-    # (or, on a slow machine, at a later step); any position must resume exactly.
+    # SIGTERM right after the second save of last.pth (epoch 1 end, then step 25): the stop lands in
+    # epoch 2 before its padded last batch (or, on a slow machine, later); any position must resume exactly.
     proc = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"), *DIGITS,
                              f"trainer.save_dir={tmp / 'stopped'}"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("saved /") and any(seen.startswith("saved best checkpoint") for seen in lines):
-            proc.send_signal(signal.SIGTERM)
-            break
-    lines.append(proc.stdout.read())
-    status = proc.wait(timeout=120)
+    watchdog = threading.Timer(240, proc.kill)  # reading stdout below has no timeout of its own
+    watchdog.start()
+    try:
+        lines, saves = [], 0
+        for line in proc.stdout:
+            lines.append(line)
+            saves += bool(re.match(r"saved /.*last\.pth$", line))
+            if saves == 2:
+                proc.send_signal(signal.SIGTERM)
+                break
+        lines.append(proc.stdout.read())
+        status = proc.wait()
+    finally:
+        watchdog.cancel()
     (stopped,) = (tmp / "stopped" / "digits").iterdir()
     # Frozen copy of the stopped run for the 1-process resume (the 2-process resume appends to it).
     frozen = tmp / "frozen"
     shutil.copytree(stopped, frozen)
-    return {"whole": tmp / "whole", "whole_output": whole.stdout, "stopped": stopped, "frozen": frozen,
+    return {"whole": tmp / "whole", "stopped": stopped, "frozen": frozen,
             "stop_status": status, "stop_output": "".join(lines)}
 
 
@@ -128,7 +157,7 @@ def test_validation_is_reduced_over_ranks_by_real_sample_count(equivalence):
             assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), f"{tag}: 1 process {a}, 2 processes {b}"
 
 
-def test_two_process_digits_run_writes_one_run_directory_and_trains(digits, tmp_path):
+def test_two_process_digits_run_writes_one_run_directory_and_trains(digits):
     (run_dir,) = (digits["whole"] / "digits").iterdir()
     files = sorted(p.name for p in run_dir.iterdir())
     assert [f for f in files if not f.startswith("events.out.tfevents.")] == ["checkpoints", "config.yaml",
@@ -184,6 +213,19 @@ def test_resume_a_two_process_checkpoint_in_one_process(digits):
     state = checkpoint(digits["frozen"] / "checkpoints" / "last.pth")
     assert state["epoch"] == 3 and state["epoch_finished"] and state["world_size"] == 1
     assert not [k for k in state["state_dict"] if k.startswith("module.")]
+
+
+def test_a_rank_resumed_mid_epoch_takes_the_items_it_would_have_taken():
+    from data_loader.sampler import EpochSampler
+
+    for size, world_size in ((11, 2), (10, 3), (4, 3)):  # padded epochs: the last step repeats items
+        for rank in range(world_size):
+            sampler = EpochSampler(list(range(size)), seed=5, rank=rank, world_size=world_size)
+            sampler.set_epoch(2)
+            whole = list(sampler)
+            for consumed in range(len(whole) + 1):  # positions a checkpoint can hold: whole steps of all ranks
+                sampler.set_epoch(2, start=consumed * world_size)
+                assert list(sampler) == whole[consumed:] and len(sampler) == len(whole) - consumed
 
 
 def test_n_gpu_without_torchrun_names_the_torchrun_command(tmp_path):

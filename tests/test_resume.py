@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -107,14 +108,15 @@ class Chain:
         return ["-r", resume or str(self.run_dir)]
 
     def start(self, argv: list[str], plan: dict | None = None) -> subprocess.Popen:
-        out = open(self.root / f"out-{self.processes}.txt", "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if plan is None:
             command = [PYTHON, str(ROOT / "train.py"), *argv]
         else:
             env["RESUME_DRIVER"] = json.dumps({**plan, "argv": argv, "count_file": str(self.root / "count.txt")})
             command = [PYTHON, str(self.root / "driver.py"), str(ROOT)]
-        return subprocess.Popen(command, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, env=env)
+        with open(self.root / f"out-{self.processes}.txt", "w") as out:  # the child keeps its own copy
+            return subprocess.Popen(command, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
 
     def output(self) -> str:
         return (self.root / f"out-{self.processes}.txt").read_text()
@@ -126,8 +128,10 @@ class Chain:
         self.history.append(f"driven {plan} -> {code}")
         return code, self.output()
 
-    def kill_at_random(self, rng: random.Random, resume: str | None = None) -> int:
-        """Start, wait for this process's first save, SIGKILL it a random moment later."""
+    def signal_at_random(self, rng: random.Random, signum: int = signal.SIGKILL,
+                         resume: str | None = None) -> tuple[int, str]:
+        """Start, wait for this process's first save, then send `signum` to its process group (workers
+        included, as Ctrl-C in a terminal does) a random moment later; (exit status, output)."""
         before = self.last.stat().st_ino if self.last.exists() else None
         proc = self.start(self.argv(resume), None)
         deadline = time.monotonic() + 240
@@ -138,14 +142,10 @@ class Chain:
         delay = rng.uniform(0.0, 0.25)
         time.sleep(delay)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signum)
         code = proc.wait(timeout=240)
-        self.history.append(f"SIGKILL after first save + {delay:.3f}s -> {code}")
-        return code
-
-    def finish(self) -> None:
-        code, out = self.drive()
-        assert code == 0, self.describe(out)
+        self.history.append(f"{signal.Signals(signum).name} after first save + {delay:.3f}s -> {code}")
+        return code, self.output()
 
     def describe(self, out: str = "") -> str:
         return f"kill seed {KILL_SEED}; history {self.history}\n{out[-3000:]}"
@@ -211,9 +211,9 @@ def expected_stop_step(state: dict, fetched: int, sizes: dict) -> int:
 
 
 def background(root: Path, argv: list[str]) -> subprocess.Popen:
-    out = open(root / "out.txt", "w")
-    return subprocess.Popen([PYTHON, str(ROOT / "train.py"), *argv], cwd=root, stdout=out, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with open(root / "out.txt", "w") as out:
+        return subprocess.Popen([PYTHON, str(ROOT / "train.py"), *argv], cwd=root, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def finished(proc: subprocess.Popen, root: Path) -> None:
@@ -222,12 +222,13 @@ def finished(proc: subprocess.Popen, root: Path) -> None:
 
 
 def two_worker_chain(root: Path) -> dict:
-    """num_workers 2: SIGKILL twice at random moments, then run to the end."""
+    """num_workers 2: SIGKILL and Ctrl-C (SIGINT to the process group) at random moments, then to the end."""
     rng = random.Random(KILL_SEED + 1)
     chain = Chain(root, 2, "c2")
-    codes = [chain.kill_at_random(rng) for _ in range(2)]
-    code, out = chain.drive()
-    return {"chain": chain, "kills": codes, "final": (code, out)}
+    kill = chain.signal_at_random(rng, signal.SIGKILL)
+    ctrl_c = chain.signal_at_random(rng, signal.SIGINT)
+    stopped = load_checkpoint(chain.last)
+    return {"chain": chain, "kill": kill, "ctrl_c": (*ctrl_c, stopped), "final": chain.drive()}
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +261,7 @@ def runs(tmp_path_factory, sizes) -> dict:
     save_checkpoint({k: v for k, v in state.items() if k != "checksum"}, path)  # recomputes the checksum
     tampered_proc = background(tampered_root, ["-r", str(tampered)])
 
-    facts["random_kill"] = chain.kill_at_random(rng)
+    facts["random_kill"] = chain.signal_at_random(rng)[0]
     facts["kill_in_save"] = chain.drive({"kill_in_save": rng.randint(2, 5)}, resume=str(chain.last))
     facts["temps_after_kill"] = sorted(p.name for p in chain.last.parent.glob("*.tmp-*"))
 
@@ -364,9 +365,17 @@ def test_defeated_rng_restore_is_detected(runs):
         assert_same_state(final["state_dict"], reference["state_dict"], "state_dict")
 
 
-def test_random_kills_with_two_workers_are_bit_identical(runs):
+def test_two_workers_kill_and_ctrl_c_are_bit_identical(runs):
     result = runs["workers2"]
     chain = result["chain"]
-    assert result["kills"][0] == -signal.SIGKILL, chain.describe()
+    assert result["kill"][0] == -signal.SIGKILL, chain.describe(result["kill"][1])
+    code, out, state = result["ctrl_c"]
+    assert code == 130, chain.describe(out)
+    stopped = re.search(r"stopped by signal at epoch (\d+)(?:, step (\d+)| end)", out)
+    assert stopped, chain.describe(out)
+    if stopped.group(2):
+        assert state["global_step"] == int(stopped.group(2)) and not state["epoch_finished"]
+    else:
+        assert state["epoch"] == int(stopped.group(1)) and state["epoch_finished"]
     assert result["final"][0] == 0, chain.describe(result["final"][1])
     assert_bit_identical(chain.last, runs["reference"] / "checkpoints" / "last.pth")
