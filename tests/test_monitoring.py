@@ -59,16 +59,18 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def tensorboard_server(logdir: Path, log_file: Path):
-    """The real `tensorboard` command on 127.0.0.1; yields a GET function returning parsed JSON."""
+    """The real `tensorboard` command on 127.0.0.1; yields it and a function returning a route's JSON."""
     port = free_port()
     exe = Path(PYTHON).parent / "tensorboard"
     with open(log_file, "wb") as log:
         proc = subprocess.Popen([str(exe), "--logdir", str(logdir), "--port", str(port), "--host", "127.0.0.1",
                                  "--reload_interval", "1"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        def get(path: str, **query: str):
+        def get(path: str, body: dict | None = None, **query: str):
             url = f"http://127.0.0.1:{port}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
-            with urllib.request.urlopen(url, timeout=5) as response:
+            data = json.dumps(body).encode() if body is not None else None  # a body makes it a POST
+            request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
                 return json.load(response)
         yield proc, get
     finally:
@@ -193,6 +195,16 @@ def test_real_tensorboard_server_serves_what_training_logged(run, tmp_path):
         assert [round(value, 4) for _, _, value in values] == [logged[1], logged[2], logged[3]]
         best = load(run_dir / "checkpoints" / "best.pth")
         assert values[best["best_epoch"] - 1][2] == pytest.approx(best["monitor_best"], rel=1e-6)  # float32
+
+        # The HParams view: the run's hyperparameters, with its best value as a metric column.
+        query = {"experimentName": "", "startIndex": 0, "sliceSize": 10,
+                 "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+                 "colParams": [{"hparam": "optimizer.args.lr"}, {"metric": {"tag": "best/val_accuracy", "group": ""}}]}
+        groups = get("/data/plugin/hparams/session_groups", body=query)["sessionGroups"]
+        assert [group["name"] for group in groups] == ["digits/r1"]
+        assert groups[0]["hparams"]["optimizer.args.lr"] == pytest.approx(2e-3)
+        metric = [m for m in groups[0]["metricValues"] if m["name"]["tag"] == "best/val_accuracy"]
+        assert metric[0]["value"] == pytest.approx(best["monitor_best"], rel=1e-6)
 
 
 def test_resume_after_kill_has_one_value_per_step_in_every_series(run, tmp_path):

@@ -235,7 +235,7 @@ def two_worker_chain(root: Path) -> dict:
 def runs(tmp_path_factory, sizes) -> dict:
     """The uninterrupted reference run, and interrupted chains (run side by side to save wall time).
 
-    Chain with num_workers 0: SIGTERM, SIGKILL at random, SIGKILL inside a save (-r <checkpoint>),
+    Chain with num_workers 0: SIGTERM at an epoch end, SIGKILL at random, SIGKILL inside a save (-r <checkpoint>),
     SIGINT, a double SIGINT inside a save, then a counted run to the end. A copy of it taken after
     the SIGTERM is resumed with a rewritten RNG state.
     """
@@ -247,9 +247,9 @@ def runs(tmp_path_factory, sizes) -> dict:
 
     chain = Chain(tmp_path_factory.mktemp("chain0"), 0, "c0")
     facts: dict = {"chain": chain}
-    stop_at = rng.randint(BATCH + 1, sizes["train"] - BATCH)  # a sample inside epoch 1, not its first batch
-    code, out = chain.drive({"signal_at": stop_at, "signals": ["SIGTERM"]})
-    facts["sigterm"] = (code, out, load_checkpoint(chain.last), (stop_at - 1) // BATCH + 1)
+    # SIGTERM while epoch 1 is validated: it stops at the epoch's end (the later steps stop mid-epoch).
+    code, out = chain.drive({"signal_at": sizes["train"] + rng.randint(1, sizes["valid"]), "signals": ["SIGTERM"]})
+    facts["sigterm"] = (code, out, load_checkpoint(chain.last))
 
     # The same run resumed from a checkpoint whose RNG state was rewritten (a valid file: new checksum).
     tampered_root = tmp_path_factory.mktemp("tampered")
@@ -288,12 +288,11 @@ def runs(tmp_path_factory, sizes) -> dict:
     return facts
 
 
-def test_sigterm_saves_the_step_reached_and_exits_143(runs):
-    code, out, state, step = runs["sigterm"]
+def test_sigterm_during_validation_saves_the_epoch_end_and_exits_143(runs, sizes):
+    code, out, state = runs["sigterm"]
     assert code == 143, runs["chain"].describe(out)
-    assert state["global_step"] == step and state["batch_in_epoch"] == step and not state["epoch_finished"]
-    assert state["samples_in_epoch"] == step * BATCH
-    assert f"step {step}; checkpoint saved" in out
+    assert (state["epoch"], state["epoch_finished"], state["global_step"]) == (1, True, sizes["steps"])
+    assert "stopped by signal at epoch 1 end; checkpoint saved" in out
 
 
 def test_sigint_saves_the_step_reached_and_exits_130(runs):
