@@ -235,9 +235,9 @@ def two_worker_chain(root: Path) -> dict:
 def runs(tmp_path_factory, sizes) -> dict:
     """The uninterrupted reference run, and interrupted chains (run side by side to save wall time).
 
-    Chain with num_workers 0: SIGTERM at an epoch end, SIGKILL at random, SIGKILL inside a save (-r <checkpoint>),
-    SIGINT, a double SIGINT inside a save, then a counted run to the end. A copy of it taken after
-    the SIGTERM is resumed with a rewritten RNG state.
+    Chain with num_workers 0: SIGTERM at an epoch end, SIGKILL at random, SIGKILL inside a save
+    (-r <checkpoint>), SIGINT, a double SIGINT inside a save, then a counted run to the end. A copy
+    taken after the SIGTERM is resumed with a rewritten RNG state.
     """
     rng = random.Random(KILL_SEED)
     ref_root = tmp_path_factory.mktemp("reference")
