@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread per process: on a busy 2-core machine torch's default of one thread per core
+# made single runs ~10x slower (measured), and torchrun sets the same for its workers.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 PYTHON = sys.executable
