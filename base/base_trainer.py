@@ -252,7 +252,7 @@ class BaseTrainer(metaclass=ABCMeta):
             totals = [r["epoch_totals"] for r in ranks if r["epoch_totals"] is not None]
             if totals and not state["epoch_finished"]:
                 summed = {k: sum(t[k] for t in totals) for k in totals[0]}
-                self.epoch_totals = summed if self.dist.is_main else {k: torch.zeros_like(v) for k, v in summed.items()}
+                self.epoch_totals = summed if self.dist.is_main else {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in summed.items()}
             self.logger.warning(f"resuming a {len(ranks)}-process checkpoint with {self.dist.world_size} "
                                 f"process(es): the data order is kept, random streams start anew")
         where = "end" if state["epoch_finished"] else f"batch {self.batch_in_epoch}"

@@ -43,7 +43,11 @@ def build_model(config: dict):
         from checkpoint import load_checkpoint, load_model_state
 
         state = load_checkpoint(arch["pretrained"])
-        load_model_state(model, state["state_dict"], strict=arch["strict"], source=arch["pretrained"])
+        from logger import get_logger
+
+        skipped = load_model_state(model, state["state_dict"], strict=arch["strict"], source=arch["pretrained"])
+        for note in skipped:  # only with arch.strict: false; strict loading raises instead
+            get_logger().warning(f"arch.pretrained {arch['pretrained']}: not loaded: {note}")
     return model
 
 

@@ -1,8 +1,8 @@
 """A small grid of input samples, each captioned with its true and predicted label, for TensorBoard.
 
 Drawn once per epoch from one batch the loop already computed: no extra forward pass, no extra
-data loading. Inputs that are not images (not (N, C, H, W) with 1 or 3 channels, or (N, H, W)) and
-outputs that are not class scores (N, classes) are skipped.
+data loading. Inputs that are not images ((N, C, H, W) with 1 or 3 channels) and outputs that are
+not class scores ((N, classes) with integer targets) are skipped.
 """
 from __future__ import annotations
 
@@ -29,10 +29,8 @@ def class_names(loader) -> list[str] | None:
 
 def sample_grid(data: torch.Tensor, target: torch.Tensor, output: torch.Tensor, max_samples: int = 16,
                 classes: list[str] | None = None) -> torch.Tensor | None:
-    """(3, H, W) uint8 grid of up to `max_samples` inputs, each captioned "t:<true> p:<predicted>"
+    """(H, W, 3) uint8 grid of up to `max_samples` inputs, each captioned "t:<true> p:<predicted>"
     (green when right, red when wrong); None when the batch is not images with class scores."""
-    if data.dim() == 3:
-        data = data.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
     if data.dim() != 4 or data.shape[1] not in (1, 3):
         return None
     if output.dim() != 2 or output.shape[1] < 2 or target.dim() != 1 or target.is_floating_point():
@@ -50,13 +48,14 @@ def sample_grid(data: torch.Tensor, target: torch.Tensor, output: torch.Tensor, 
     images = ((images - low) / (high - low).clamp_min(1e-12) * 255).round().to(torch.uint8)
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
+    images = images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, 3), as PIL wants it
     columns = min(n, 8)
     rows = -(-n // columns)
     canvas = Image.new("RGB", (columns * (TILE + GAP) - GAP, rows * (TILE + CAPTION)), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     name = (lambda i: classes[i] if classes and 0 <= i < len(classes) else str(i))
     for k in range(n):
-        tile = Image.fromarray(images[k].permute(1, 2, 0).contiguous().numpy(), "RGB")
+        tile = Image.fromarray(images[k], "RGB")
         scale = TILE / max(tile.size)
         size = (max(1, round(tile.size[0] * scale)), max(1, round(tile.size[1] * scale)))
         tile = tile.resize(size, Image.NEAREST if scale >= 1 else Image.BILINEAR)
@@ -64,4 +63,4 @@ def sample_grid(data: torch.Tensor, target: torch.Tensor, output: torch.Tensor, 
         canvas.paste(tile, (x, y))
         colour = CORRECT if true[k] == predicted[k] else WRONG
         draw.text((x + 2, y + TILE + 1), f"t:{name(true[k])[:5]} p:{name(predicted[k])[:5]}", fill=colour)
-    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()  # (3, H, W)
+    return torch.from_numpy(np.array(canvas))  # (H, W, 3)

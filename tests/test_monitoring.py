@@ -145,7 +145,7 @@ def test_event_file_read_back_by_tensorboard(run):
         for kind in ("weights", "grads"):
             events = acc.Histograms(f"{kind}/{name}")
             assert [event.step for event in events] == steps, f"{kind}/{name}"
-            assert events[-1].histogram_value.num == tensor.numel()
+            assert events[-1].histogram_value.num == sum(events[-1].histogram_value.bucket) == tensor.numel()
     weights = last["state_dict"]["classifier.5.weight"]
     histogram = acc.Histograms("weights/classifier.5.weight")[-1].histogram_value
     assert histogram.min == pytest.approx(weights.min().item()) and histogram.max == pytest.approx(weights.max().item())
@@ -364,7 +364,8 @@ def test_sample_grid_shows_each_input_with_true_and_predicted_label():
     target = torch.tensor([1, 2, 3])
     output = torch.nn.functional.one_hot(torch.tensor([1, 2, 0]), 10).float()  # the third is wrong
     grid = sample_grid(data, target, output)
-    assert grid.shape == (3, TILE + CAPTION, 3 * (TILE + GAP) - GAP) and grid.dtype == torch.uint8
+    assert grid.shape == (TILE + CAPTION, 3 * (TILE + GAP) - GAP, 3) and grid.dtype == torch.uint8
+    grid = grid.permute(2, 0, 1)  # (3, H, W)
     # Tile 0 is input 0 scaled to 0..255 and enlarged (each pixel a 12x12 block).
     expected = ((data[0, 0] - data[0].min()) / (data[0].max() - data[0].min()) * 255).round()
     block = TILE // 8
@@ -394,3 +395,18 @@ def test_model_that_does_not_trace_gets_a_note_instead_of_a_graph(tmp_path, caps
     assert out.startswith("TensorBoard graph skipped: the model does not trace") and out.count("\n") == 1, out
     assert model.training  # the mode is restored
     assert not accumulator(tmp_path).Tags()["graph"]
+
+
+def test_progress_without_a_terminal_logs_plain_lines(capsys):
+    from logger import Progress, setup_logging
+
+    setup_logging(None, verbosity=1)
+    progress = Progress(range(4), 4, "epoch 3", enabled=True, interval=0.0)  # a line after every batch
+    progress.postfix = lambda: {"loss": 0.5}
+    assert list(progress) == [0, 1, 2, 3]
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    lines = out.splitlines()  # none for the last batch: the epoch's summary line follows it
+    assert [line.split(" (")[0] for line in lines] == [f"epoch 3 [{i}/4] loss=0.5" for i in (1, 2, 3)]
+    assert all(re.search(r"\(\d+(\.\d+)? it/s, eta \d+s\)$", line) for line in lines), lines
+    assert list(Progress(range(3), 3, "x", enabled=False)) == [0, 1, 2] and capsys.readouterr().out == ""

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import signal
 import time
 
 import torch
@@ -25,45 +27,57 @@ class Trainer(BaseTrainer):
         self.accumulate = cfg["accumulate_grad_batches"]
         self.clip_norm, self.clip_value = cfg["clip_grad_norm"], cfg["clip_grad_value"]
         amp = cfg["amp"]
-        self.autocast = torch.autocast(self.device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
-                                       enabled=amp != "off")
+        # A disabled torch.autocast still costs two context switches per step: use a null context.
+        self.autocast = contextlib.nullcontext() if amp == "off" else torch.autocast(
+            self.device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.metric_names = ["loss"] + [fn.__name__ for fn in self.metric_fns]
         self.histograms = cfg["histograms"] and self.writer.enabled
         self.images = cfg["images"] and self.writer.enabled
         self.callbacks = build_callbacks(self.config, unwrap_model(self.model))
+        self.params = list(self.model.parameters())
+        self._found_inf = torch.zeros((), device=self.device)  # buffers of the per-step NaN guard
+        self._one = torch.ones((), device=self.device)
 
     def _new_totals(self) -> dict:
-        return {name: torch.zeros((), dtype=torch.float64, device=self.device) for name in self.metric_names + ["n"]}
+        """Running sums of an epoch: `loss` over every sample, metrics over the sampled batches."""
+        totals = {name: torch.zeros((), dtype=torch.float64, device=self.device) for name in self.metric_names}
+        return {**totals, "n": 0, "n_metrics": 0}
 
-    def _accumulate(self, totals: dict, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> None:
+    def _accumulate(self, totals: dict, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor,
+                    with_metrics: bool = True) -> None:
         # Weighted by batch size and kept on the device: the host syncs once per epoch, not per step.
         n = target.shape[0]
-        totals["loss"] += loss.detach() * n
-        for fn in self.metric_fns:
-            totals[fn.__name__] += fn(output, target) * n
+        totals["loss"].add_(loss.detach(), alpha=n)
         totals["n"] += n
+        if with_metrics and self.metric_fns:
+            for fn in self.metric_fns:
+                totals[fn.__name__].add_(fn(output, target), alpha=n)
+            totals["n_metrics"] += n
 
     def _averages(self, totals: dict, reduce: bool = False) -> dict:
+        sums = torch.stack([totals[k] for k in self.metric_names])
+        counts = torch.tensor([totals["n"], totals["n_metrics"]], dtype=torch.float64, device=self.device)
         if reduce and self.dist.enabled:
-            stacked = all_reduce(torch.stack([totals[k] for k in self.metric_names + ["n"]]))
-            totals = dict(zip(self.metric_names + ["n"], stacked))
-        n = max(totals["n"].item(), 1.0)
-        return {name: totals[name].item() / n for name in self.metric_names}
+            sums, counts = all_reduce(sums), all_reduce(counts)
+        sums, (n, n_metrics) = sums.tolist(), counts.tolist()
+        return {name: value / max(n if name == "loss" else n_metrics, 1.0) for name, value in zip(self.metric_names, sums)}
 
     def _train_epoch(self, epoch: int) -> dict:
         self.model.train()
         self.data_loader.set_epoch(epoch, start=self.samples_in_epoch)
         total = self.batch_in_epoch + len(self.data_loader)
+        # Train metrics other than the loss cost several kernels each: they are computed on about 16
+        # batches of an epoch (every batch when it has fewer); the loss and validation use every sample.
+        metric_every = max(1, total // 16)
         totals = self._new_totals()
         if self.epoch_totals is not None:  # resumed mid-epoch: continue the epoch's running sums
             for k, v in self.epoch_totals.items():
-                totals[k] += v.to(self.device)
+                totals[k] += v.to(self.device) if isinstance(v, torch.Tensor) else v
         self.epoch_totals = totals
-        loss_nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         progress = Progress(self.data_loader, total, f"epoch {epoch}", self.dist.is_main and self.verbosity > 0,
                             initial=self.batch_in_epoch)
-        progress.postfix = lambda: {k: totals[k].item() / max(totals["n"].item(), 1) for k in self.metric_names}
+        progress.postfix = lambda: self._averages(totals)
         started, samples = time.perf_counter(), 0
         output = None
         for data, target in progress:
@@ -77,23 +91,22 @@ class Trainer(BaseTrainer):
                 output = self.model(data)
                 loss = self.criterion(output, target)
             # Dividing by the group size makes k micro-batches of b the same update as one batch of k*b.
-            self.scaler.scale(loss / group_size).backward()
-            self._accumulate(totals, loss, output.detach(), target)
-            loss_nonfinite |= ~torch.isfinite(loss.detach())
+            self.scaler.scale(loss / group_size if group_size > 1 else loss).backward()
+            self._accumulate(totals, loss, output.detach(), target, self.batch_in_epoch % metric_every == 0)
             self.batch_in_epoch += 1
             self.samples_in_epoch += target.shape[0] * self.dist.world_size
             samples += target.shape[0]
             if last_in_group:
-                self._optimizer_step(loss_nonfinite)
+                stop = self._optimizer_step(totals["loss"])
                 self._hook("on_batch_end", self.batch_in_epoch - 1, loss)
                 if self.global_step % self.log_every == 0:
                     self.writer.add_scalar("loss/train_step", loss.detach(), self.global_step)
-                if self.save_every and self.global_step % self.save_every == 0 and self.batch_in_epoch < total:
-                    self.save_mid_epoch()
-                if self._stop_requested():
+                if stop:
                     self.save_mid_epoch()
                     raise Interrupted(self.stop_signal.signum,
                                       f"stopped by signal at epoch {epoch}, step {self.global_step}; checkpoint saved")
+                if self.save_every and self.global_step % self.save_every == 0 and self.batch_in_epoch < total:
+                    self.save_mid_epoch()
         seconds = time.perf_counter() - started
         self.writer.add_scalar("throughput/train_samples_per_s", samples * self.dist.world_size / max(seconds, 1e-9),
                                self.global_step)
@@ -110,34 +123,49 @@ class Trainer(BaseTrainer):
 
     def _no_sync(self, skip_allreduce: bool):
         """Under DDP, micro-batches before the last of an accumulation group skip the gradient all-reduce."""
-        if skip_allreduce and hasattr(self.model, "no_sync"):
+        if skip_allreduce and self.dist.enabled:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def _optimizer_step(self, loss_nonfinite: torch.Tensor) -> None:
+    def _optimizer_step(self, loss_sum: torch.Tensor) -> bool:
+        """Unscale, clip, check, step. Returns whether to stop now (a signal reached any rank)."""
         self.scaler.unscale_(self.optimizer)  # clip and check true gradients (a no-op without fp16)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # logged before clipping
+        grads = [p.grad for p in self.params if p.grad is not None]
+        log_now = (self.global_step + 1) % self.log_every == 0
+        # The total norm costs several kernels: computed only to clip by it or to log it (before clipping).
+        grad_norm = torch.nn.utils.get_total_norm(grads) if log_now or self.clip_norm is not None else None
         if self.clip_value is not None:
-            torch.nn.utils.clip_grad_value_(params, self.clip_value)
+            torch.nn.utils.clip_grad_value_(grads, self.clip_value)
         if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
-        # With fp16 the GradScaler skips steps with inf/nan gradients: an overflow is not an error.
-        grad_nonfinite = ~torch.isfinite(grad_norm.to(self.device)) & (not self.scaler.is_enabled())
-        flags = torch.stack([loss_nonfinite, grad_nonfinite]).float()
-        if self.dist.enabled:  # every rank must take the same decision
-            flags = all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        if flags.any().item():
-            self._raise_nonfinite(loss=bool(flags[0]))
+            torch.nn.utils.clip_grads_with_norm_(grads, self.clip_norm, grad_norm)
+        # NaN guard, one fused kernel over all gradients (the one GradScaler uses; scale 1 leaves them
+        # unchanged). The epoch's loss sum turns non-finite with the first non-finite loss. With fp16
+        # the GradScaler itself skips steps whose gradients overflow: that is not an error.
+        grads_bad = self._found_inf.zero_()
+        if not self.scaler.is_enabled() and grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, grads_bad, self._one)
+        stop = self.stop_signal is not None and self.stop_signal.requested
+        if self.dist.enabled:  # every rank takes the same decisions: one all-reduce for all three
+            flags = torch.stack([grads_bad.to(loss_sum.device, torch.float64), (~torch.isfinite(loss_sum)).double(),
+                                 loss_sum.new_tensor(float(stop))])
+            grads_nonfinite, loss_nonfinite, stop = (bool(f) for f in
+                                                     all_reduce(flags, op=torch.distributed.ReduceOp.MAX).tolist())
+            if stop and self.stop_signal is not None and self.stop_signal.signum is None:
+                self.stop_signal.signum = signal.SIGTERM  # another rank was signalled
+        else:
+            grads_nonfinite, loss_nonfinite = bool(grads_bad.item()), not math.isfinite(loss_sum.item())
+        if grads_nonfinite or loss_nonfinite:
+            self._raise_nonfinite(loss=loss_nonfinite)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.lr_scheduler is not None and self.scheduler_interval == "step":
             self.lr_scheduler.step()
         self.global_step += 1
-        if self.global_step % self.log_every == 0:
+        if log_now:
             self.writer.add_scalar("grad_norm/train_step", grad_norm, self.global_step)
             for i, group in enumerate(self.optimizer.param_groups):
                 self.writer.add_scalar(f"lr/group{i}_step", group["lr"], self.global_step)
+        return stop
 
     def _raise_nonfinite(self, loss: bool) -> None:
         step, kept = self.global_step + 1, "checkpoints on disk are from before it"
@@ -167,7 +195,7 @@ class Trainer(BaseTrainer):
         totals = self._new_totals()
         progress = Progress(self.valid_data_loader, len(self.valid_data_loader), f"valid {epoch}",
                             self.dist.is_main and self.verbosity > 0)
-        progress.postfix = lambda: {k: totals[k].item() / max(totals["n"].item(), 1) for k in self.metric_names}
+        progress.postfix = lambda: self._averages(totals)
         first = None
         for data, target in progress:
             data, target = data.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
