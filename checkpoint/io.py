@@ -22,30 +22,56 @@ CHECKPOINT_FORMAT = 1
 TEMP_MARK = ".tmp-"
 
 
-def _feed(digest, obj: Any) -> None:
+CHUNK = 8 * 2**20  # tensor bytes are hashed in 8 MiB chunks, on several threads
+
+
+def _walk(obj: Any, parts: list) -> None:
+    """Flatten `obj` in a canonical order into bytes (structure) and memoryviews (tensor data)."""
     if isinstance(obj, torch.Tensor):
         data = obj.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"T{data.dtype}{tuple(obj.shape)}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        parts.append(f"T{data.dtype}{tuple(obj.shape)}".encode())
+        if data.numel():
+            view = memoryview(data.view(torch.uint8).numpy())  # no copy
+            parts.extend(view[i:i + CHUNK] for i in range(0, len(view), CHUNK))
     elif isinstance(obj, dict):
-        digest.update(f"D{len(obj)}".encode())
+        parts.append(f"D{len(obj)}".encode())
         for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
-            _feed(digest, key)
-            _feed(digest, obj[key])
+            _walk(key, parts)
+            _walk(obj[key], parts)
     elif isinstance(obj, (list, tuple)):
-        digest.update(f"L{len(obj)}".encode())
+        parts.append(f"L{len(obj)}".encode())
         for item in obj:
-            _feed(digest, item)
+            _walk(item, parts)
     elif obj is None or type(obj) in (bool, int, float, str) or isinstance(obj, torch.Size):
         # Exact types: a str subclass such as torch.__version__ would not load with weights_only=True.
-        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+        parts.append(f"{type(obj).__name__}:{obj!r};".encode())
     else:
         raise TypeError(f"checkpoints hold plain data only, found {type(obj).__name__}")
 
 
+def _sha256(data) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
 def state_digest(state: dict) -> str:
+    """sha256 over the structure and the sha256 of each 8 MiB chunk of tensor data, in order.
+
+    hashlib releases the GIL on large buffers, so the chunks are hashed on all cores: a 100 MB
+    model hashes about twice as fast on two cores as with one sha256 stream.
+    """
+    parts: list = []
+    _walk({k: v for k, v in state.items() if k != "checksum"}, parts)
+    chunks = [part for part in parts if isinstance(part, memoryview)]
+    if len(chunks) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(chunks), os.cpu_count() or 1)) as pool:
+            hashed = iter(list(pool.map(_sha256, chunks)))
+    else:
+        hashed = iter([_sha256(chunk) for chunk in chunks])
     digest = hashlib.sha256()
-    _feed(digest, {k: v for k, v in state.items() if k != "checksum"})
+    for part in parts:
+        digest.update(next(hashed) if isinstance(part, memoryview) else part)
     return digest.hexdigest()
 
 
