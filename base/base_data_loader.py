@@ -18,6 +18,13 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def collate(batch):
+    """default_collate, except for a batch that the dataset's __getitems__ already stacked."""
+    from data_loader.datasets import StackedBatch
+
+    return batch if isinstance(batch, StackedBatch) else default_collate(batch)
+
+
 def split_indices(n: int, validation_split: float | int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, valid) indices; `validation_split` is a fraction (float) or a count (int).
 
@@ -47,7 +54,7 @@ class BaseDataLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True,
                  validation_split: float | int = 0.0, num_workers: int = 0,
-                 collate_fn: Callable = default_collate, valid_dataset: Dataset | None = None,
+                 collate_fn: Callable = collate, valid_dataset: Dataset | None = None,
                  pin_memory: bool = False, drop_last: bool = False):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -130,14 +130,16 @@ class Trainer(BaseTrainer):
     def _optimizer_step(self, loss_sum: torch.Tensor) -> bool:
         """Unscale, clip, check, step. Returns whether to stop now (a signal reached any rank)."""
         self.scaler.unscale_(self.optimizer)  # clip and check true gradients (a no-op without fp16)
-        grads = [p.grad for p in self.params if p.grad is not None]
+        params = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in params]
         log_now = (self.global_step + 1) % self.log_every == 0
         # The total norm costs several kernels: computed only to clip by it or to log it (before clipping).
         grad_norm = torch.nn.utils.get_total_norm(grads) if log_now or self.clip_norm is not None else None
         if self.clip_value is not None:
-            torch.nn.utils.clip_grad_value_(grads, self.clip_value)
+            torch.nn.utils.clip_grad_value_(params, self.clip_value)
         if self.clip_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(grads, self.clip_norm, grad_norm)
+            clip_from = grad_norm if self.clip_value is None else torch.nn.utils.get_total_norm(grads)
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_norm, clip_from)
         # NaN guard, one fused kernel over all gradients (the one GradScaler uses; scale 1 leaves them
         # unchanged). The epoch's loss sum turns non-finite with the first non-finite loss. With fp16
         # the GradScaler itself skips steps whose gradients overflow: that is not an error.
