@@ -25,6 +25,23 @@ def collate(batch):
     return batch if isinstance(batch, StackedBatch) else default_collate(batch)
 
 
+class BatchFetching(Dataset):
+    """Wraps a dataset that has `get_batch(indices)`, so the DataLoader fetches a batch in one call
+    (through `__getitems__`) instead of one `__getitem__` per sample."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]):
+        return self.dataset.get_batch(indices)
+
+
 def split_indices(n: int, validation_split: float | int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, valid) indices; `validation_split` is a fraction (float) or a count (int).
 
@@ -65,6 +82,10 @@ class BaseDataLoader(DataLoader):
         sampler = EpochSampler(train_idx, shuffle=shuffle)
         self._loader_kwargs = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
                                    pin_memory=pin_memory, worker_init_fn=seed_worker)
+        if hasattr(dataset, "get_batch"):
+            dataset = BatchFetching(dataset)
+        if hasattr(self.valid_dataset, "get_batch"):
+            self.valid_dataset = BatchFetching(self.valid_dataset)
         super().__init__(dataset, sampler=sampler, drop_last=drop_last, generator=torch.Generator(),
                          **self._loader_kwargs)
 

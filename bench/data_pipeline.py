@@ -1,7 +1,7 @@
 """Input pipeline: the fraction of a training epoch spent waiting for data, for the digits config
 (in memory), fetching one sample at a time (`__getitem__` + default_collate) against the whole batch
-at once (`__getitems__`, what DigitsDataset does), and the cost per batch of each against slicing a
-tensor by index. Target: waiting <= 5% of step time for in-memory datasets.
+at once (`get_batch`, which DigitsDataset has and BaseDataLoader uses), and the cost per batch of
+each against slicing a tensor by index. Target: waiting <= 5% of step time for in-memory datasets.
 
     python bench/data_pipeline.py
 """
@@ -52,9 +52,9 @@ def epoch_fraction(batched: bool, epochs: int) -> float:
     from train import parse_args
     from trainer.trainer import Trainer
 
-    saved = DigitsDataset.__getitems__
+    saved = DigitsDataset.get_batch
     if not batched:
-        del DigitsDataset.__getitems__
+        del DigitsDataset.get_batch
     fractions = []
     original = Trainer._train_epoch
 
@@ -75,21 +75,21 @@ def epoch_fraction(batched: bool, epochs: int) -> float:
                                   f"trainer.epochs={epochs}", "trainer.early_stop=0", "trainer.verbosity=0"]))
     finally:
         Trainer._train_epoch = original
-        DigitsDataset.__getitems__ = saved
+        DigitsDataset.get_batch = saved
     return statistics.median(fractions[1:])
 
 
 def per_batch_cost(config: dict, batched: bool, rounds: int = 20) -> float:
-    saved = DigitsDataset.__getitems__
+    saved = DigitsDataset.get_batch
     if not batched:
-        del DigitsDataset.__getitems__
+        del DigitsDataset.get_batch
     try:
         loader, _ = build_data_loaders(config)
         loader.set_epoch(1)
         seconds = statistics.median(timed(lambda: list(loader)) for _ in range(rounds))
         return seconds / len(loader)
     finally:
-        DigitsDataset.__getitems__ = saved
+        DigitsDataset.get_batch = saved
 
 
 def main() -> None:
@@ -102,7 +102,7 @@ def main() -> None:
     index = torch.randperm(len(dataset))[:64]
     slicing = statistics.median(timed(lambda: (dataset.images[index], dataset.targets[index])) for _ in range(200))
     per_sample, batched = per_batch_cost(config, False), per_batch_cost(config, True)
-    print(f"per batch of 64: __getitem__ + collate {per_sample * 1e6:.0f} us, __getitems__ {batched * 1e6:.0f} us, "
+    print(f"per batch of 64: __getitem__ + collate {per_sample * 1e6:.0f} us, get_batch {batched * 1e6:.0f} us, "
           f"tensor slicing {slicing * 1e6:.0f} us ({per_sample / batched:.1f}x faster batched)")
     waiting_sample, waiting_batched = epoch_fraction(False, args.epochs), epoch_fraction(True, args.epochs)
     print(f"digits training epoch, time waiting for data: per sample {waiting_sample:.1%}, batched "

@@ -59,7 +59,7 @@ def save(obj, f, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
 
 DigitsDataset.__getitem__, torch.save = getitem, save
-del DigitsDataset.__getitems__  # fetch (and so count and signal) one sample at a time
+del DigitsDataset.get_batch  # fetch (and so count and signal) one sample at a time
 import train
 try:
     code = train.main(plan["argv"])
