@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from config import check_config, load_config
 from config.files import apply_overrides
 from config.schema import is_known_path
-from errors import ConfigError, Interrupted
+from errors import ConfigError
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -63,11 +62,11 @@ def train_run(args: argparse.Namespace) -> int:
     from checkpoint import sweep_temporaries
     from config.build import (build_data_loaders, build_loss, build_lr_scheduler, build_metrics, build_model,
                               build_optimizer, trainer_class)
-    from logger import get_logger, make_writer, setup_logging
+    from logger import make_writer, setup_logging
     from runtime.device import check_amp, resolve_device
     from runtime.distributed import (broadcast_object, check_sync_batchnorm, distributed_context, init_process_group,
                                      shutdown, wrap_model)
-    from runtime.run_dir import config_changes, create_run_dir, run_root, write_config
+    from runtime.run_dir import create_run_dir, write_config
     from runtime.seeding import seed_everything
     from runtime.signals import StopSignal
     from trainer.callbacks import build_callbacks

@@ -13,7 +13,6 @@ line printed is the median ratio. Weights after the first epoch must be bit-iden
 from __future__ import annotations
 
 import argparse
-import copy
 
 from common import paired_rounds, report, temp_dir, timed
 

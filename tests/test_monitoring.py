@@ -179,7 +179,6 @@ def test_event_file_read_back_by_tensorboard(run):
 def test_real_tensorboard_server_serves_what_training_logged(run, tmp_path):
     proc, save_dir, run_dir = run
     logged = val_accuracy_by_epoch(proc.stdout)
-    last = load(run_dir / "checkpoints" / "last.pth")
     steps = epoch_steps(run_dir)
     log_file = tmp_path / "tensorboard.log"
     with tensorboard_server(save_dir, log_file) as (server, get):
