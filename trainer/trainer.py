@@ -38,6 +38,7 @@ class Trainer(BaseTrainer):
         self.params = list(self.model.parameters())
         self._found_inf = torch.zeros((), device=self.device)  # buffers of the per-step NaN guard
         self._one = torch.ones((), device=self.device)
+        self._pending_flags = None  # under DDP: the all-reduce of the last step's flags, in flight
 
     def _new_totals(self) -> dict:
         """Running sums of an epoch: `loss` over every sample, metrics over the sampled batches."""
@@ -102,12 +103,22 @@ class Trainer(BaseTrainer):
                 if self.global_step % self.log_every == 0:
                     self.writer.add_scalar("loss/train_step", loss.detach(), self.global_step)
                 if stop:
+                    self._settle(self._pending_flags)  # every rank started it: finish it before saving
+                    self._pending_flags = None
                     self.save_mid_epoch()
                     raise Interrupted(self.stop_signal.signum,
                                       f"stopped by signal at epoch {epoch}, step {self.global_step}; checkpoint saved")
                 if self.save_every and self.global_step % self.save_every == 0 and self.batch_in_epoch < total:
                     self.save_mid_epoch()
         seconds = time.perf_counter() - started
+        loss_nonfinite, stop = self._settle(self._pending_flags)  # the epoch's last step, under DDP
+        self._pending_flags = None
+        if loss_nonfinite:
+            self._raise_nonfinite(loss=True, step=self.global_step)
+        if stop:
+            self.save_mid_epoch()
+            raise Interrupted(self.stop_signal.signum,
+                              f"stopped by signal at epoch {epoch}, step {self.global_step}; checkpoint saved")
         self.writer.add_scalar("throughput/train_samples_per_s", samples * self.dist.world_size / max(seconds, 1e-9),
                                self.global_step)
         if self.histograms:
@@ -147,17 +158,19 @@ class Trainer(BaseTrainer):
         if not self.scaler.is_enabled() and grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, grads_bad, self._one)
         stop = self.stop_signal is not None and self.stop_signal.requested
-        if self.dist.enabled:  # every rank takes the same decisions: one all-reduce for all three
-            flags = torch.stack([grads_bad.to(loss_sum.device, torch.float64), (~torch.isfinite(loss_sum)).double(),
-                                 loss_sum.new_tensor(float(stop))])
-            grads_nonfinite, loss_nonfinite, stop = (bool(f) for f in
-                                                     all_reduce(flags, op=torch.distributed.ReduceOp.MAX).tolist())
-            if stop and self.stop_signal is not None and self.stop_signal.signum is None:
-                self.stop_signal.signum = signal.SIGTERM  # another rank was signalled
-        else:
-            grads_nonfinite, loss_nonfinite = bool(grads_bad.item()), not math.isfinite(loss_sum.item())
-        if grads_nonfinite or loss_nonfinite:
-            self._raise_nonfinite(loss=loss_nonfinite)
+        grads_nonfinite, loss_nonfinite = bool(grads_bad.item()), not math.isfinite(loss_sum.item())
+        step = self.global_step + 1  # the step about to be taken
+        if self.dist.enabled:
+            # After DDP's all-reduce the gradients are the same on every rank, so their check agrees
+            # without communication. The rank-local facts (a non-finite loss, a signal) travel in an
+            # all-reduce that overlaps the next step, and every rank acts on them one step later.
+            (loss_nonfinite, stop), step = self._exchange_flags(loss_nonfinite, stop), self.global_step
+        if loss_nonfinite and step > self.global_step:  # a non-finite loss explains non-finite gradients
+            self._raise_nonfinite(loss=True, step=step)
+        if grads_nonfinite:
+            self._raise_nonfinite(loss=False, step=self.global_step + 1)
+        if loss_nonfinite:
+            self._raise_nonfinite(loss=True, step=step)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.lr_scheduler is not None and self.scheduler_interval == "step":
@@ -169,8 +182,26 @@ class Trainer(BaseTrainer):
                 self.writer.add_scalar(f"lr/group{i}_step", group["lr"], self.global_step)
         return stop
 
-    def _raise_nonfinite(self, loss: bool) -> None:
-        step, kept = self.global_step + 1, "checkpoints on disk are from before it"
+    def _exchange_flags(self, loss_nonfinite: bool, stop: bool) -> tuple[bool, bool]:
+        """Start the all-reduce of this step's (loss non-finite, stop) and return the previous step's."""
+        flags = torch.tensor([float(loss_nonfinite), float(stop)], dtype=torch.float64, device=self.device)
+        previous = self._pending_flags
+        self._pending_flags = (flags, torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX,
+                                                                   async_op=True))
+        return self._settle(previous)
+
+    def _settle(self, pending) -> tuple[bool, bool]:
+        if pending is None:
+            return False, False
+        flags, work = pending
+        work.wait()
+        loss_nonfinite, stop = (bool(f) for f in flags.tolist())
+        if stop and self.stop_signal is not None and self.stop_signal.signum is None:
+            self.stop_signal.signum = signal.SIGTERM  # another rank was signalled
+        return loss_nonfinite, stop
+
+    def _raise_nonfinite(self, loss: bool, step: int) -> None:
+        kept = "checkpoints on disk are from before it"
         if loss:
             raise TrainingError(f"non-finite loss at step {step} (epoch {self.epoch}); {kept}")
         for name, param in unwrap_model(self.model).named_parameters():
