@@ -103,11 +103,7 @@ class Trainer(BaseTrainer):
                 if self.global_step % self.log_every == 0:
                     self.writer.add_scalar("loss/train_step", loss.detach(), self.global_step)
                 if stop:
-                    self._settle(self._pending_flags)  # every rank started it: finish it before saving
-                    self._pending_flags = None
-                    self.save_mid_epoch()
-                    raise Interrupted(self.stop_signal.signum,
-                                      f"stopped by signal at epoch {epoch}, step {self.global_step}; checkpoint saved")
+                    self._stop_now(epoch)
                 if self.save_every and self.global_step % self.save_every == 0 and self.batch_in_epoch < total:
                     self.save_mid_epoch()
         seconds = time.perf_counter() - started
@@ -116,9 +112,7 @@ class Trainer(BaseTrainer):
         if loss_nonfinite:
             self._raise_nonfinite(loss=True, step=self.global_step)
         if stop:
-            self.save_mid_epoch()
-            raise Interrupted(self.stop_signal.signum,
-                              f"stopped by signal at epoch {epoch}, step {self.global_step}; checkpoint saved")
+            self._stop_now(epoch)
         self.writer.add_scalar("throughput/train_samples_per_s", samples * self.dist.world_size / max(seconds, 1e-9),
                                self.global_step)
         if self.histograms:
@@ -131,6 +125,14 @@ class Trainer(BaseTrainer):
         result = self._averages(totals, reduce=True)
         self.epoch_totals = None
         return result
+
+    def _stop_now(self, epoch: int) -> None:
+        """A signal reached a rank: save this step on every rank alike, then exit 128 + signal."""
+        self._settle(self._pending_flags)  # every rank started it: finish it before saving
+        self._pending_flags = None
+        self.save_mid_epoch()
+        raise Interrupted(self.stop_signal.signum,
+                          f"stopped by signal at epoch {epoch}, step {self.global_step}; checkpoint saved")
 
     def _no_sync(self, skip_allreduce: bool):
         """Under DDP, micro-batches before the last of an accumulation group skip the gradient all-reduce."""
