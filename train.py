@@ -34,6 +34,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def one_line(message: str) -> str:
+    """One line per problem, even when a library's message spans several. An error re-raised from a
+    DataLoader worker carries the worker's traceback: keep only the original message, its last line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if "Original Traceback" in message and lines:
+        name, _, text = lines[-1].partition(": ")
+        return text if text and name.rsplit(".", 1)[-1].endswith("Error") else lines[-1]
+    return " ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -42,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return train_run(args)
     except UserError as exc:
         lines = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
-        for line in lines:  # one line per problem, even when a library's message spans several
-            print("error: " + " ".join(str(line).splitlines()), file=sys.stderr)
+        for line in lines:
+            print("error: " + one_line(str(line)), file=sys.stderr)
         return exc.exit_code
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)

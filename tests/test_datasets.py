@@ -170,3 +170,19 @@ def test_missing_data_through_train_py(tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert lines[0].startswith("error: MNIST: cannot load MNIST/raw/*-ubyte under 'data/'"), lines
     assert not (tmp_path / "saved").exists()
+
+
+def test_unreadable_image_in_a_worker_is_one_line_exit_2(tmp_path):
+    # torch re-raises a worker's exception with the worker's traceback inside the message:
+    # train.py must still print one line naming the file, and exit 2.
+    write_image_folder(tmp_path / "data" / "images" / "train", classes=("a", "b"), per_class=6)
+    broken = sorted((tmp_path / "data" / "images" / "train" / "a").iterdir())[0]
+    broken.write_bytes(b"not an image")
+    proc = run_script("train.py", "-c", str(ROOT / "configs" / "image_folder.yaml"), "trainer.epochs=1",
+                      f"trainer.save_dir={tmp_path / 'saved'}", "arch.args.num_classes=2", "metrics=[accuracy]",
+                      "data_loader.args.num_workers=2", "data_loader.args.batch_size=4",
+                      "data_loader.args.validation_split=2", "data_loader.args.shuffle=false", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and broken.name in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
