@@ -1,6 +1,7 @@
 from checkpoint.io import (CHECKPOINT_FORMAT, find_resume_checkpoint, link_checkpoint, load_checkpoint,
-                           save_checkpoint, state_digest, sweep_temporaries)
+                           save_checkpoint, sweep_temporaries, verify_zip_crcs)
 from checkpoint.state import capture_rng, load_model_state, restore_rng, unwrap_model
 
 __all__ = ["CHECKPOINT_FORMAT", "capture_rng", "find_resume_checkpoint", "link_checkpoint", "load_checkpoint",
-           "load_model_state", "restore_rng", "save_checkpoint", "state_digest", "sweep_temporaries", "unwrap_model"]
+           "load_model_state", "restore_rng", "save_checkpoint", "sweep_temporaries", "unwrap_model",
+           "verify_zip_crcs"]

@@ -1,12 +1,12 @@
-"""Checkpoint files: atomic writes, a sha256 of the content verified on load, weights_only loads.
+"""Checkpoint files: atomic writes, the zip CRC-32 of every record verified on load, weights_only loads.
 
-A checkpoint is a plain dict (see README: Checkpoint format) plus `checksum`: the sha256 of every
-other entry (tensor bytes, dtypes, shapes, numbers, strings) in a canonical order. torch.load does
-not check the zip CRC, so a flipped bit inside a tensor loads silently without it.
+A checkpoint is a plain dict (see README: Checkpoint format) saved by torch.save, which writes a zip
+archive with a CRC-32 of every record (the pickle of the dict, and each tensor's bytes). torch.load
+does not check those CRCs, so a flipped bit inside a tensor would load silently: load_checkpoint
+checks them all before loading. The checksum costs nothing extra to write: torch.save computes it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import shutil
@@ -20,59 +20,40 @@ from errors import CheckpointError, TrainingError
 
 CHECKPOINT_FORMAT = 1
 TEMP_MARK = ".tmp-"
+READ_CHUNK = 8 * 2**20
 
 
-CHUNK = 8 * 2**20  # tensor bytes are hashed in 8 MiB chunks, on several threads
-
-
-def _walk(obj: Any, parts: list) -> None:
-    """Flatten `obj` in a canonical order into bytes (structure) and memoryviews (tensor data)."""
+def _check_plain(obj: Any, where: str = "state") -> None:
+    """Refuse, before writing, anything that torch.load(weights_only=True) would refuse to read back."""
     if isinstance(obj, torch.Tensor):
-        data = obj.detach().cpu().contiguous().reshape(-1)
-        parts.append(f"T{data.dtype}{tuple(obj.shape)}".encode())
-        if data.numel():
-            view = memoryview(data.view(torch.uint8).numpy())  # no copy
-            parts.extend(view[i:i + CHUNK] for i in range(0, len(view), CHUNK))
-    elif isinstance(obj, dict):
-        parts.append(f"D{len(obj)}".encode())
-        for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
-            _walk(key, parts)
-            _walk(obj[key], parts)
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_plain(key, where)
+            _check_plain(value, f"{where}[{key!r}]")
     elif isinstance(obj, (list, tuple)):
-        parts.append(f"L{len(obj)}".encode())
-        for item in obj:
-            _walk(item, parts)
-    elif obj is None or type(obj) in (bool, int, float, str) or isinstance(obj, torch.Size):
-        # Exact types: a str subclass such as torch.__version__ would not load with weights_only=True.
-        parts.append(f"{type(obj).__name__}:{obj!r};".encode())
-    else:
-        raise TypeError(f"checkpoints hold plain data only, found {type(obj).__name__}")
+        for i, item in enumerate(obj):
+            _check_plain(item, f"{where}[{i}]")
+    # Exact types: a str subclass such as torch.__version__ would not load with weights_only=True.
+    elif not (obj is None or type(obj) in (bool, int, float, str) or isinstance(obj, torch.Size)):
+        raise TypeError(f"checkpoints hold plain data only, found {type(obj).__name__} at {where}")
 
 
-def _sha256(data) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def state_digest(state: dict) -> str:
-    """sha256 over the structure and the sha256 of each 8 MiB chunk of tensor data, in order.
-
-    hashlib releases the GIL on large buffers, so the chunks are hashed on all cores: a 100 MB
-    model hashes about twice as fast on two cores as with one sha256 stream.
-    """
-    parts: list = []
-    _walk({k: v for k, v in state.items() if k != "checksum"}, parts)
-    chunks = [part for part in parts if isinstance(part, memoryview)]
-    if len(chunks) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(len(chunks), os.cpu_count() or 1)) as pool:
-            hashed = iter(list(pool.map(_sha256, chunks)))
-    else:
-        hashed = iter([_sha256(chunk) for chunk in chunks])
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(next(hashed) if isinstance(part, memoryview) else part)
-    return digest.hexdigest()
+def verify_zip_crcs(path: Path) -> str | None:
+    """Read every record of the archive and check its CRC-32; return what is wrong, or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as record:  # raises BadZipFile at the end of a record whose CRC differs
+                    while record.read(READ_CHUNK):
+                        pass
+    except zipfile.BadZipFile as exc:
+        reason = str(exc)
+        return f"checksum mismatch: the file is corrupted ({reason})" if "CRC" in reason else \
+            f"corrupt or truncated checkpoint ({reason})"
+    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+        return f"corrupt or truncated checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -87,20 +68,25 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write `state` + its checksum to `path` atomically: temp file, fsync, rename, fsync dir.
+    """Write `state` to `path` atomically: temp file, fsync, rename, fsync dir.
 
     On any failure the previous file at `path` is untouched and TrainingError is raised.
     """
     path = Path(path)
     temp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}")
-    state = {**state, "checksum": state_digest(state)}
+    _check_plain(state)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise TrainingError(f"could not write checkpoint {path}: {path.parent} is not a directory") from None
     try:
         with open(temp, "wb") as handle:
-            torch.save(state, handle)
+            crc32 = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(True)  # the checksum load_checkpoint verifies
+            try:
+                torch.save(state, handle)
+            finally:
+                torch.serialization.set_crc32_options(crc32)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -153,10 +139,14 @@ def link_checkpoint(source: Path, target: Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load with weights_only=True and verify the checksum; every failure is a CheckpointError."""
+    """Verify every record's CRC-32, then load with weights_only=True; every failure is a CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if zipfile.is_zipfile(path):  # not a zip: a legacy pickle, refused (or reported) by torch.load below
+        problem = verify_zip_crcs(path)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -168,14 +158,8 @@ def load_checkpoint(path: str | Path) -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first})") from None
-    if not isinstance(state, dict) or "checksum" not in state or "state_dict" not in state:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (no state_dict/checksum)")
-    try:
-        ok = state_digest(state) == state["checksum"]
-    except TypeError:
-        ok = False
-    if not ok:
-        raise CheckpointError(f"{path}: checksum mismatch: the file is corrupted")
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no state_dict)")
     return state
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import PYTHON, ROOT, run_script
-from checkpoint import (find_resume_checkpoint, load_checkpoint, load_model_state, save_checkpoint, state_digest,
-                        sweep_temporaries)
+from checkpoint import (find_resume_checkpoint, load_checkpoint, load_model_state, save_checkpoint,
+                        sweep_temporaries, verify_zip_crcs)
 from errors import CheckpointError, TrainingError
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
@@ -84,7 +84,7 @@ def test_loads_with_plain_torch_load_outside_the_project(run_dir):
                 "epoch": "int", "global_step": "int", "batch_in_epoch": "int", "samples_in_epoch": "int",
                 "epoch_finished": "bool", "monitor_best": "float", "not_improved_count": "int",
                 "ranks": "list", "data_order": "dict", "config": "dict", "arch": "str", "format": "int",
-                "torch_version": "str", "checksum": "str"}
+                "torch_version": "str"}
     assert {k: kinds.get(k) for k in required} == required | {"state_dict": kinds["state_dict"]}
     assert kinds["state_dict"] in ("dict", "OrderedDict")
     state = load_checkpoint(run_dir / "checkpoints" / "last.pth")
@@ -177,14 +177,50 @@ def test_corrupt_and_malicious_files_are_refused(tmp_path, run_dir, monkeypatch,
     assert not marker.exists(), "the pickle payload ran"
 
 
-def test_checksum_covers_every_entry(run_dir):
-    state = load_checkpoint(run_dir / "checkpoints" / "last.pth")
-    digest = state_digest(state)
-    state["ranks"][0]["rng"]["python"] = (3, tuple([0] * 625), None)
-    assert state_digest(state) != digest
-    state = load_checkpoint(run_dir / "checkpoints" / "last.pth")
-    state["global_step"] += 1
-    assert state_digest(state) != digest
+def record_data_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Where each record's bytes lie in the archive: name -> (start, size)."""
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+    offsets = {}
+    for info in infos:
+        name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+        offsets[info.filename] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
+    return offsets
+
+
+def test_checksum_covers_every_record(tmp_path, run_dir):
+    """A flipped byte in any record (the pickle holding epoch, config, RNG; each tensor) is refused."""
+    good = run_dir / "checkpoints" / "last.pth"
+    assert verify_zip_crcs(good) is None
+    records = {name: span for name, span in record_data_offsets(good).items() if span[1] > 0}
+    assert any(name.endswith("data.pkl") for name in records) and sum("/data/" in n for n in records) > 5
+    for i, (name, (start, size)) in enumerate(records.items()):
+        data = bytearray(good.read_bytes())
+        data[start + size // 2] ^= 0x01
+        bad = tmp_path / f"flip-{i}.pth"
+        bad.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match="checksum mismatch"):
+            load_checkpoint(bad)
+
+
+def test_save_refuses_what_a_weights_only_load_would_refuse(tmp_path):
+    with pytest.raises(TypeError, match=r"plain data only, found PosixPath at state\['config'\]\['dir'\]"):
+        save_checkpoint({"state_dict": {}, "config": {"dir": Path("/x")}}, tmp_path / "x.pth")
+    assert not list(tmp_path.iterdir())
+
+
+def test_checksum_is_written_even_when_torch_is_told_not_to(tmp_path):
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        save_checkpoint({"state_dict": {"w": torch.arange(1000.0)}}, tmp_path / "a.pth")
+        assert torch.serialization.get_crc32_options() is False  # the user's setting is restored
+    finally:
+        torch.serialization.set_crc32_options(previous)
+    assert verify_zip_crcs(tmp_path / "a.pth") is None
+    with zipfile.ZipFile(tmp_path / "a.pth") as archive:
+        assert all(info.CRC != 0 for info in archive.infolist() if info.file_size)
 
 
 @pytest.mark.parametrize("kind", ["flipped", "malicious"])
