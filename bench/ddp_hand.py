@@ -1,5 +1,10 @@
-"""A hand-written DDP loop (gloo, DistributedSampler) on the digits data with DigitsCNN, for
-bench/scaling.py. Run under torchrun; rank 0 prints `samples/s: <median over epochs 2..N>`."""
+"""A hand-written DDP loop (gloo, DistributedSampler) for bench/scaling.py, on the same model, data and
+optimizer as the scaffold's config: `mnist` (MnistModel, torchvision MNIST files under DATA_DIR, Adam
+with amsgrad, as configs/mnist.yaml) or `digits` (DigitsCNN, Adam, as configs/digits.yaml). Run under
+torchrun; rank 0 prints `samples/s: <median over epochs 2..N>`.
+
+    torchrun --standalone --nproc_per_node=2 bench/ddp_hand.py WORKLOAD EPOCHS BATCH_SIZE [DATA_DIR]
+"""
 from __future__ import annotations
 
 import statistics
@@ -13,19 +18,32 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from data_loader.datasets import DigitsDataset
-from model.model import DigitsCNN
+
+def workload(name: str, data_dir: str | None):
+    if name == "mnist":
+        from torchvision import datasets, transforms
+
+        from model.model import MnistModel
+
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+        dataset = datasets.MNIST(data_dir, train=True, download=False, transform=transform)
+        model = MnistModel()
+        return dataset, model, torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
+    from data_loader.datasets import DigitsDataset
+    from model.model import DigitsCNN
+
+    model = DigitsCNN()
+    return DigitsDataset(train=True), model, torch.optim.Adam(model.parameters(), lr=2e-3)
 
 
 def main() -> None:
-    epochs, batch_size = int(sys.argv[1]), int(sys.argv[2])
+    name, epochs, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    dataset = DigitsDataset(train=True)
+    dataset, model, optimizer = workload(name, sys.argv[4] if len(sys.argv) > 4 else None)
     sampler = DistributedSampler(dataset, shuffle=True, seed=0)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
-    model = torch.nn.parallel.DistributedDataParallel(DigitsCNN())
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model = torch.nn.parallel.DistributedDataParallel(model)
     rates = []
     for epoch in range(1, epochs + 1):
         sampler.set_epoch(epoch)

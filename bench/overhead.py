@@ -1,5 +1,7 @@
 """Trainer overhead: step time of the Trainer (TensorBoard, progress, metrics on) against a minimal
-hand-written loop in the style of pytorch/examples, same model, data, batch size, seed and threads.
+hand-written loop in the style of pytorch/examples, same model, data, batch size, seed and threads: the
+train() function of pytorch/examples/mnist/main.py (data.to(device), a loss.item() print every 10 batches,
+here to /dev/null).
 
     python bench/overhead.py --model mnist        # MnistModel, batch 64, target <= 1.03
     python bench/overhead.py --model digits       # DigitsCNN, batch 64, target <= 1.05
@@ -13,6 +15,7 @@ line printed is the median ratio. Weights after the first epoch must be bit-iden
 from __future__ import annotations
 
 import argparse
+import os
 
 from common import paired_rounds, report, temp_dir, timed
 
@@ -83,6 +86,8 @@ def main() -> None:
     initial = build().state_dict()
     out = temp_dir()
     setup_logging(None, verbosity=0)
+    device = torch.device("cpu")
+    devnull = open(os.devnull, "w")
 
     def make_trainer(logging_on: bool):
         config = make_config(loss_name, str(out), logging_on)
@@ -117,14 +122,19 @@ def main() -> None:
         sampler.set_epoch(state_epoch)
         sampler.epoch_done = state_epoch
 
-        def loop():
+        def loop():  # train() of pytorch/examples/mnist/main.py, log_interval 10, printing to /dev/null
             model.train()
-            for data, target in loader:
+            for batch_idx, (data, target) in enumerate(loader):
+                data, target = data.to(device), target.to(device)
                 optimizer.zero_grad()
                 output = model(data)
                 loss = loss_fn(output, target)
                 loss.backward()
                 optimizer.step()
+                if batch_idx % 10 == 0:
+                    print('Train Epoch: {} [{}/{} ({:.0f}%)]\tLoss: {:.6f}'.format(
+                        state_epoch, batch_idx * len(data), len(loader.dataset),
+                        100. * batch_idx / len(loader), loss.item()), file=devnull)
 
         return timed(loop)
 

@@ -192,6 +192,18 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_one_checkpoi
     assert not [p for p in (digits["frozen"] / "checkpoints").iterdir() if ".tmp" in p.name]
 
 
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_its_step(tmp_path):
+    # Rank 1 alone gets loss + inf from step 3 on: its gradients stay finite, so nothing but the ranks'
+    # agreement (trainer._check_point) can tell rank 0. Saves every 2 steps: step 2's is the last.
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "workers" / "ddp_rank_local_nan.py"), str(tmp_path / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, **ONE_THREAD})
+    output = proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}: non-finite loss at step 3 (epoch 1)" in output, output[-3000:]
+    assert "last checkpoint step: 2" in output, output[-3000:]
+
+
 def test_resume_under_two_processes_is_bit_for_bit(digits):
     resumed = ok(torchrun("-r", str(digits["stopped"])))
     assert "resumed at epoch" in resumed.stdout
