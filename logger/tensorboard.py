@@ -96,7 +96,10 @@ def make_writer(log_dir: str | Path | None, enabled: bool, purge_step: int | Non
             and when FLUSH_SECONDS have passed), which is when the background thread would write them to
             disk anyway. Written one at a time, a scalar cost ~0.3 ms here (its conversion, protobufs and
             the writer thread's pure-Python CRC, competing for the GIL): 2% of a 1 ms/step MLP's time at
-            the default logging (bench/overhead.py). A tensor value stays on its device until then."""
+            the default logging (bench/overhead.py). A GPU tensor is copied on its device and read then: no
+            host sync at the step that logs it."""
+            if hasattr(scalar_value, "device"):  # the value now, even if the tensor changes in place later
+                scalar_value = scalar_value.item() if scalar_value.device.type == "cpu" else scalar_value.detach().clone()
             pending = self.__dict__.setdefault("_pending", [])
             pending.append((tag, scalar_value, global_step, time.time() if walltime is None else walltime,
                             new_style, double_precision))

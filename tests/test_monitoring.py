@@ -409,3 +409,23 @@ def test_progress_without_a_terminal_logs_plain_lines(capsys):
     assert [line.split(" (")[0] for line in lines] == [f"epoch 3 [{i}/4] loss=0.5" for i in (1, 2, 3)]
     assert all(re.search(r"\(\d+(\.\d+)? it/s, eta \d+s\)$", line) for line in lines), lines
     assert list(Progress(range(3), 3, "x", enabled=False)) == [0, 1, 2] and capsys.readouterr().out == ""
+
+
+def test_scalars_are_held_back_until_a_flush_and_keep_their_value_when_logged(tmp_path):
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from logger import make_writer
+
+    writer = make_writer(tmp_path, True)
+    writer.add_scalar("x", 0.5, 0)  # the first one is written at once (nothing written for FLUSH_SECONDS)
+    value = torch.tensor(1.5)
+    writer.add_scalar("x", value, 1)
+    value.fill_(7.0)  # changed in place after it was logged: 1.5 must be what gets written
+    writer.add_scalar("x", 2.5, 2)
+    assert len(writer._pending) == 2  # held back: no protobuf, no writer-thread work per call
+    writer.flush()  # before every checkpoint: everything logged so far reaches the event file
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("x")] == [(0, 0.5), (1, 1.5), (2, 2.5)]
+    writer.close()
