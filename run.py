@@ -64,8 +64,8 @@ def train_run(args: argparse.Namespace) -> int:
                               build_optimizer, trainer_class)
     from logger import make_writer, setup_logging
     from runtime.device import check_amp, resolve_device
-    from runtime.distributed import (broadcast_object, check_sync_batchnorm, distributed_context, init_process_group,
-                                     shutdown, wrap_model)
+    from runtime.distributed import (barrier, broadcast_object, check_sync_batchnorm, distributed_context,
+                                     init_process_group, shutdown, wrap_model)
     from runtime.run_dir import create_run_dir, write_config
     from runtime.seeding import seed_everything
     from runtime.signals import StopSignal
@@ -133,6 +133,10 @@ def train_run(args: argparse.Namespace) -> int:
             stop.uninstall()
             writer.close()
         _summary(logger, config, run_dir, trainer, result)
+        if dist.enabled:
+            # Leave together: a rank that tore its process group down while rank 0 was still writing the last
+            # checkpoint aborted at exit now and then ("terminate called without an active exception").
+            barrier()
         return 0
     finally:
         shutdown()

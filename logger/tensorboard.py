@@ -98,7 +98,9 @@ def make_writer(log_dir: str | Path | None, enabled: bool, purge_step: int | Non
             the writer thread's pure-Python CRC, competing for the GIL): 2% of a 1 ms/step MLP's time at
             the default logging (bench/overhead.py). A GPU tensor is copied on its device and read then: no
             host sync at the step that logs it."""
-            if hasattr(scalar_value, "device"):  # the value now, even if the tensor changes in place later
+            import torch
+
+            if isinstance(scalar_value, torch.Tensor):  # the value now, even if it changes in place later
                 scalar_value = scalar_value.item() if scalar_value.device.type == "cpu" else scalar_value.detach().clone()
             pending = self.__dict__.setdefault("_pending", [])
             pending.append((tag, scalar_value, global_step, time.time() if walltime is None else walltime,

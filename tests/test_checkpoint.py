@@ -323,3 +323,28 @@ def test_disk_full_exits_1_and_keeps_previous_checkpoint(tmp_path, run_dir):
         load_checkpoint(last)
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_damaged_zip_header_is_a_checkpoint_error_not_a_crash(tmp_path, run_dir):
+    """A flipped compression method in the central directory makes zipfile inflate a stored record
+    (zlib.error): still a one-line CheckpointError, so a resume falls back and the command exits 2."""
+    path = tmp_path / "header.pth"
+    data = bytearray((run_dir / "checkpoints" / "last.pth").read_bytes())
+    with zipfile.ZipFile(run_dir / "checkpoints" / "last.pth") as archive:
+        largest = max(archive.infolist(), key=lambda i: i.file_size)
+    entry = next(i for i in range(len(data)) if data[i:i + 4] == b"PK\x01\x02"
+                 and data[i + 46:i + 46 + len(largest.filename)] == largest.filename.encode())
+    data[entry + 10] = 8  # compression method: stored (0) -> deflated (8)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+
+
+def test_files_without_crcs_from_elsewhere_load_unverified(tmp_path):
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"state_dict": {"w": torch.arange(4.0)}}, tmp_path / "foreign.pth")
+    finally:
+        torch.serialization.set_crc32_options(previous)
+    assert torch.equal(load_checkpoint(tmp_path / "foreign.pth")["state_dict"]["w"], torch.arange(4.0))

@@ -412,6 +412,7 @@ def test_progress_without_a_terminal_logs_plain_lines(capsys):
 
 
 def test_scalars_are_held_back_until_a_flush_and_keep_their_value_when_logged(tmp_path):
+    import numpy as np
     import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -423,9 +424,10 @@ def test_scalars_are_held_back_until_a_flush_and_keep_their_value_when_logged(tm
     writer.add_scalar("x", value, 1)
     value.fill_(7.0)  # changed in place after it was logged: 1.5 must be what gets written
     writer.add_scalar("x", 2.5, 2)
-    assert len(writer._pending) == 2  # held back: no protobuf, no writer-thread work per call
+    writer.add_scalar("x", np.float64(3.5), 3)  # NumPy values (they have a `device` too, a string)
+    assert len(writer._pending) == 3  # held back: no protobuf, no writer-thread work per call
     writer.flush()  # before every checkpoint: everything logged so far reaches the event file
     events = EventAccumulator(str(tmp_path))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("x")] == [(0, 0.5), (1, 1.5), (2, 2.5)]
+    assert [(e.step, e.value) for e in events.Scalars("x")] == [(0, 0.5), (1, 1.5), (2, 2.5), (3, 3.5)]
     writer.close()

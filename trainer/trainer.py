@@ -76,7 +76,7 @@ class Trainer(BaseTrainer):
         pending = self._pending_loss_sum()
         totals["loss"].add_(pending)
         if not math.isfinite(float(pending)):
-            step = next(step for loss, _, step in self._losses if not torch.isfinite(loss).all())
+            step = next((step for loss, _, step in self._losses if not torch.isfinite(loss).all()), self.global_step)
             if not self.dist.enabled:
                 self._raise_nonfinite(step)
             if self._first_bad_loss is None:  # rank-local: every rank stops at the next agreement
@@ -108,6 +108,7 @@ class Trainer(BaseTrainer):
                             initial=self.batch_in_epoch)
         progress.postfix = lambda: self._averages(totals)
         started, samples = time.perf_counter(), 0
+        self._next_check, self._checked_at = self.global_step, (self.global_step, started)  # e.g. after a resume
         output = None
         for data, target in progress:
             data, target = data.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
@@ -245,8 +246,11 @@ class Trainer(BaseTrainer):
                             f"before it")
 
     def checkpoint_state(self, epoch_finished: bool) -> dict:
-        if self.epoch_totals is not None:
-            self._fold_losses(self.epoch_totals)
+        if self.epoch_totals is not None:  # all ranks are here (this is a collective call): agree first
+            if self.dist.enabled:
+                self._check_point(self.epoch_totals, force=True)
+            else:
+                self._fold_losses(self.epoch_totals)
         # The per-step guard reads only the loss: a state with non-finite weights (or the gradients that
         # made them) must never replace the last good checkpoint. (With fp16, GradScaler skips the steps
         # whose gradients overflow: those gradients are not an error.)

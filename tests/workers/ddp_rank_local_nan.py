@@ -14,7 +14,7 @@ from checkpoint import load_checkpoint  # noqa: E402
 from config import check_config  # noqa: E402
 from config.build import build_data_loaders, build_loss, build_metrics, build_model, build_optimizer  # noqa: E402
 from errors import TrainingError  # noqa: E402
-from runtime.distributed import distributed_context, init_process_group, shutdown, wrap_model  # noqa: E402
+from runtime.distributed import barrier, distributed_context, init_process_group, shutdown, wrap_model  # noqa: E402
 from trainer.trainer import Trainer  # noqa: E402
 
 
@@ -52,6 +52,7 @@ def main() -> None:
     if context.rank == 0:
         last = run_dir / "checkpoints" / "last.pth"
         print(f"last checkpoint step: {load_checkpoint(last)['global_step'] if last.exists() else None}", flush=True)
+    barrier()  # leave together (see run.py)
     shutdown()
 
 
