@@ -79,7 +79,7 @@ class Trainer(BaseTrainer):
             step = next((step for loss, _, step in self._losses if not torch.isfinite(loss).all()), self.global_step)
             if not self.dist.enabled:
                 self._raise_nonfinite(step)
-            if self._first_bad_loss is None:  # rank-local: every rank stops at the next agreement
+            if self._first_bad_loss is None:  # rank-local: every rank stops at the next check point
                 self._first_bad_loss = step
         self._losses.clear()
 
