@@ -246,7 +246,9 @@ class Trainer(BaseTrainer):
                             f"before it")
 
     def checkpoint_state(self, epoch_finished: bool) -> dict:
-        if self.epoch_totals is not None:  # all ranks are here (this is a collective call): agree first
+        # All ranks are here (a collective call) and hold equally many waiting losses (equal batch counts):
+        # after the loop's own check point before a save there are none, and nothing is done twice.
+        if self.epoch_totals is not None and self._losses:
             if self.dist.enabled:
                 self._check_point(self.epoch_totals, force=True)
             else:
