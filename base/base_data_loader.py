@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
+from data_loader.datasets import StackedBatch
 from data_loader.sampler import EpochSampler, mix_seed
 
 
@@ -20,8 +21,6 @@ def seed_worker(worker_id: int) -> None:
 
 def collate(batch):
     """default_collate, except for a batch that the dataset's __getitems__ already stacked."""
-    from data_loader.datasets import StackedBatch
-
     return batch if isinstance(batch, StackedBatch) else default_collate(batch)
 
 

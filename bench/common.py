@@ -11,23 +11,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def paired_rounds(run_a, run_b, rounds: int) -> list[float]:
-    """Interleave A and B (alternating which goes first) and return the per-round ratios A/B."""
+def paired_rounds(run_a, run_b, rounds: int) -> list:
+    """Interleave A and B (alternating which goes first) and return the per-round ratios A/B (tuples of
+    ratios where A and B return tuples of times)."""
     ratios = []
     for i in range(rounds):
         if i % 2 == 0:
             a, b = run_a(), run_b()
         else:
             b, a = run_b(), run_a()
-        ratios.append(a / b)
+        ratios.append(tuple(x / y for x, y in zip(a, b)) if isinstance(a, tuple) else a / b)
     return ratios
 
 
-def report(name: str, ratios: list[float], target: float) -> float:
+def report(name: str, ratios: list[float], target: float | None) -> float:
     median = statistics.median(ratios)
     spread = (min(ratios), max(ratios))
     print(f"{name}: median ratio {median:.3f} over {len(ratios)} rounds (min {spread[0]:.3f}, max {spread[1]:.3f}); "
-          f"target <= {target}")
+          + (f"target <= {target}" if target is not None else "reported, no target"))
     return median
 
 

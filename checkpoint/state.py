@@ -13,8 +13,10 @@ from errors import CheckpointError
 def capture_rng() -> dict:
     """Python, NumPy, torch CPU and every CUDA device, in types that weights_only=True accepts."""
     key, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
     state = {
-        "python": random.getstate(),
+        # 625 words as one tensor, not a tuple of ints: each int would be one more object to check and pickle.
+        "python": (version, torch.tensor(internal, dtype=torch.int64), gauss),
         "numpy": {"key": key, "state": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
@@ -25,7 +27,7 @@ def capture_rng() -> dict:
 
 def restore_rng(state: dict) -> None:
     version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate((version, tuple(internal.tolist() if isinstance(internal, torch.Tensor) else internal), gauss))
     numpy_state = state["numpy"]
     np.random.set_state((numpy_state["key"], numpy_state["state"].numpy().astype(np.uint32), numpy_state["pos"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))

@@ -36,7 +36,6 @@ def sample_grid(data: torch.Tensor, target: torch.Tensor, output: torch.Tensor, 
     if output.dim() != 2 or output.shape[1] < 2 or target.dim() != 1 or target.is_floating_point():
         return None  # not classification: no labels to show
     import numpy as np
-    from PIL import Image, ImageDraw
 
     n = min(max_samples, data.shape[0])
     images = data[:n].detach().float().cpu()
@@ -45,22 +44,37 @@ def sample_grid(data: torch.Tensor, target: torch.Tensor, output: torch.Tensor, 
     # Each image scaled to 0..255 on its own: inputs are often normalised, and the grid shows shape, not level.
     low = images.amin(dim=(1, 2, 3), keepdim=True)
     high = images.amax(dim=(1, 2, 3), keepdim=True)
-    images = ((images - low) / (high - low).clamp_min(1e-12) * 255).round().to(torch.uint8)
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    images = images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, 3), as PIL wants it
+    images = ((images - low) / (high - low).clamp_min(1e-12) * 255).round()
+    # All tiles scaled in one operation: blocks of pixels when enlarged, smoothed when shrunk.
+    scale = TILE / max(images.shape[2:])
+    size = (max(1, round(images.shape[2] * scale)), max(1, round(images.shape[3] * scale)))
+    images = torch.nn.functional.interpolate(images, size=size, mode="nearest-exact") if scale >= 1 else \
+        torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True)
+    images = images.clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
     columns = min(n, 8)
     rows = -(-n // columns)
-    canvas = Image.new("RGB", (columns * (TILE + GAP) - GAP, rows * (TILE + CAPTION)), (0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
+    canvas = np.zeros((rows * (TILE + CAPTION), columns * (TILE + GAP) - GAP, 3), dtype=np.uint8)
     name = (lambda i: classes[i] if classes and 0 <= i < len(classes) else str(i))
     for k in range(n):
-        tile = Image.fromarray(images[k], "RGB")
-        scale = TILE / max(tile.size)
-        size = (max(1, round(tile.size[0] * scale)), max(1, round(tile.size[1] * scale)))
-        tile = tile.resize(size, Image.NEAREST if scale >= 1 else Image.BILINEAR)
         x, y = (k % columns) * (TILE + GAP), (k // columns) * (TILE + CAPTION)
-        canvas.paste(tile, (x, y))
-        colour = CORRECT if true[k] == predicted[k] else WRONG
-        draw.text((x + 2, y + TILE + 1), f"t:{name(true[k])[:5]} p:{name(predicted[k])[:5]}", fill=colour)
-    return torch.from_numpy(np.array(canvas))  # (H, W, 3)
+        canvas[y:y + size[0], x:x + size[1]] = images[k]
+        text = f"t:{name(true[k])[:5]} p:{name(predicted[k])[:5]}"
+        canvas[y + TILE:y + TILE + CAPTION, x:x + TILE] = _caption(text, CORRECT if true[k] == predicted[k] else WRONG)
+    return torch.from_numpy(canvas)  # (H, W, 3)
+
+
+_captions: dict = {}  # (text, colour) -> (CAPTION, TILE, 3) pixels, drawn once: text was most of a grid's time
+
+
+def _caption(text: str, colour: tuple[int, int, int]):
+    pixels = _captions.get((text, colour))
+    if pixels is None:
+        import numpy as np
+        from PIL import Image, ImageDraw
+
+        image = Image.new("RGB", (TILE, CAPTION), (0, 0, 0))
+        ImageDraw.Draw(image).text((2, 1), text, fill=colour)
+        if len(_captions) >= 4096:  # many classes: start over rather than grow without bound
+            _captions.clear()
+        pixels = _captions[(text, colour)] = np.array(image)
+    return pixels

@@ -17,6 +17,7 @@ from trainer.callbacks import build_callbacks
 
 CHECK_SECONDS = 0.25  # how often the NaN guard runs (and under DDP the ranks agree); see _check_point
 MAX_CHECK_STEPS = 1000  # and at least every this many steps, which bounds the list of waiting losses
+NULL_CONTEXT = contextlib.nullcontext()  # reusable; one fewer object per step
 
 
 class Trainer(BaseTrainer):
@@ -31,7 +32,7 @@ class Trainer(BaseTrainer):
         self.clip_norm, self.clip_value = cfg["clip_grad_norm"], cfg["clip_grad_value"]
         amp = cfg["amp"]
         # A disabled torch.autocast still costs two context switches per step: use a null context.
-        self.autocast = contextlib.nullcontext() if amp == "off" else torch.autocast(
+        self.autocast = NULL_CONTEXT if amp == "off" else torch.autocast(
             self.device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.metric_names = ["loss"] + [fn.__name__ for fn in self.metric_fns]
@@ -61,11 +62,12 @@ class Trainer(BaseTrainer):
                 totals[fn.__name__].add_(fn(output, target), alpha=target.shape[0])
             totals["n_metrics"] += target.shape[0]
 
-    def _pending_loss_sum(self) -> torch.Tensor | float:
-        total = 0.0
-        for n in {n for _, n, _ in self._losses}:  # one batch size, or two when an epoch ends short
-            total += torch.stack([loss for loss, m, _ in self._losses if m == n]).double().sum() * n
-        return total
+    def _pending_losses(self) -> tuple[torch.Tensor | float, int]:
+        """The waiting training losses: their sum weighted by batch size, and their number of samples."""
+        if not self._losses:
+            return 0.0, 0
+        losses, sizes, _ = zip(*self._losses)
+        return torch.stack(losses).double() @ torch.tensor(sizes, dtype=torch.float64, device=self.device), sum(sizes)
 
     def _fold_losses(self, totals: dict) -> None:
         """The NaN guard: add the waiting training losses to the epoch's sum and check that sum (one host
@@ -73,8 +75,9 @@ class Trainer(BaseTrainer):
         where every rank stops)."""
         if not self._losses:
             return
-        pending = self._pending_loss_sum()
+        pending, n = self._pending_losses()
         totals["loss"].add_(pending)
+        totals["n"] += n
         if not math.isfinite(float(pending)):
             step = next((step for loss, _, step in self._losses if not torch.isfinite(loss).all()), self.global_step)
             if not self.dist.enabled:
@@ -84,9 +87,9 @@ class Trainer(BaseTrainer):
         self._losses.clear()
 
     def _averages(self, totals: dict, reduce: bool = False) -> dict:
-        pending = self._pending_loss_sum() if totals is self.epoch_totals else 0.0
+        pending, n_pending = self._pending_losses() if totals is self.epoch_totals else (0.0, 0)
         sums = torch.stack([totals["loss"] + pending] + [totals[k] for k in self.metric_names[1:]])
-        counts = torch.tensor([totals["n"], totals["n_metrics"]], dtype=torch.float64, device=self.device)
+        counts = torch.tensor([totals["n"] + n_pending, totals["n_metrics"]], dtype=torch.float64, device=self.device)
         if reduce and self.dist.enabled:
             sums, counts = all_reduce(sums), all_reduce(counts)
         sums, (n, n_metrics) = sums.tolist(), counts.tolist()
@@ -107,15 +110,16 @@ class Trainer(BaseTrainer):
         progress = Progress(self.data_loader, total, f"epoch {epoch}", self.dist.is_main and self.verbosity > 0,
                             initial=self.batch_in_epoch)
         progress.postfix = lambda: self._averages(totals)
-        started, samples = time.perf_counter(), 0
+        started, started_samples = time.perf_counter(), self.samples_in_epoch
         self._next_check, self._checked_at = self.global_step, (self.global_step, started)  # e.g. after a resume
-        output = None
+        accumulate, world_size, output = self.accumulate, self.dist.world_size, None
         for data, target in progress:
             data, target = data.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
-            group_start = self.batch_in_epoch - self.batch_in_epoch % self.accumulate
-            group_size = min(self.accumulate, total - group_start)  # the last group of an epoch may be short
-            last_in_group = self.batch_in_epoch + 1 == group_start + group_size
-            if self.batch_in_epoch == group_start:
+            batch = self.batch_in_epoch
+            group_start = batch - batch % accumulate
+            group_size = min(accumulate, total - group_start)  # the last group of an epoch may be short
+            last_in_group = batch + 1 == group_start + group_size
+            if batch == group_start:
                 self.optimizer.zero_grad(set_to_none=True)
             with self._no_sync(not last_in_group), self.autocast:
                 output = self.model(data)
@@ -126,18 +130,16 @@ class Trainer(BaseTrainer):
             # extra kernel shows (~15 us each, cache-cold). Other metrics: on ~16 batches an epoch.
             n = target.shape[0]
             self._losses.append((loss.detach(), n, self.global_step + 1))
-            totals["n"] += n
-            if self.batch_in_epoch % metric_every == 0:
+            if batch % metric_every == 0:
                 self._add_metrics(totals, output, target)
-            self.batch_in_epoch += 1
-            self.samples_in_epoch += n * self.dist.world_size
-            samples += n
+            self.batch_in_epoch = batch + 1
+            self.samples_in_epoch += n * world_size
             if last_in_group:
                 self._optimizer_step()
-                self._hook("on_batch_end", self.batch_in_epoch - 1, loss)
+                self._hook("on_batch_end", batch, loss)
                 if self.global_step % self.log_every == 0:
                     self.writer.add_scalar("loss/train_step", loss.detach(), self.global_step)
-                save_now = self.save_every and self.global_step % self.save_every == 0 and self.batch_in_epoch < total
+                save_now = self.save_every and self.global_step % self.save_every == 0 and batch + 1 < total
                 if self._check_point(totals, force=save_now):
                     self._stop_now(epoch)
                 if save_now:
@@ -145,8 +147,8 @@ class Trainer(BaseTrainer):
         seconds = time.perf_counter() - started
         if self._check_point(totals, force=True):  # the epoch's last steps
             self._stop_now(epoch)
-        self.writer.add_scalar("throughput/train_samples_per_s", samples * self.dist.world_size / max(seconds, 1e-9),
-                               self.global_step)
+        self.writer.add_scalar("throughput/train_samples_per_s",
+                               (self.samples_in_epoch - started_samples) / max(seconds, 1e-9), self.global_step)
         if self.histograms:
             for name, param in unwrap_model(self.model).named_parameters():
                 self.writer.add_histogram(f"weights/{name}", param.detach(), self.global_step)
@@ -168,15 +170,18 @@ class Trainer(BaseTrainer):
         """Under DDP, micro-batches before the last of an accumulation group skip the gradient all-reduce."""
         if skip_allreduce and self.dist.enabled:
             return self.model.no_sync()
-        return contextlib.nullcontext()
+        return NULL_CONTEXT
 
     def _optimizer_step(self) -> None:
         """Unscale, clip, step; at logging steps also log the gradient norm and learning rates."""
         log_now = (self.global_step + 1) % self.log_every == 0
         if log_now or self.clip_norm is not None or self.clip_value is not None:
             grad_norm = self._clip_gradients(log_now)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():  # fp16: skips a step whose gradients overflowed, and adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if self.lr_scheduler is not None and self.scheduler_interval == "step":
             self.lr_scheduler.step()
         self.global_step += 1
@@ -221,7 +226,7 @@ class Trainer(BaseTrainer):
         (`_fold_losses`) and, under DDP, let all ranks learn in one small all-reduce whether any rank was
         signalled or saw a non-finite loss. Ranks reach it at the same steps: rank 0 picks the next one
         from its step time. Returns whether to stop now (one process acts on a signal at once)."""
-        stop = self.stop_signal is not None and self.stop_signal.requested
+        stop = self.stop_signal is not None and self.stop_signal.signum is not None
         if not force and self.global_step < self._next_check:
             return stop and not self.dist.enabled
         self._fold_losses(totals)
