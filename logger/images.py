@@ -74,7 +74,7 @@ def _caption(text: str, colour: tuple[int, int, int]):
 
         image = Image.new("RGB", (TILE, CAPTION), (0, 0, 0))
         ImageDraw.Draw(image).text((2, 1), text, fill=colour)
-        if len(_captions) >= 4096:  # many classes: start over rather than grow without bound
+        if len(_captions) >= 1024:  # many classes: start over rather than grow without bound (4 KB each)
             _captions.clear()
         pixels = _captions[(text, colour)] = np.array(image)
     return pixels
