@@ -9,17 +9,16 @@ here to /dev/null).
     python bench/overhead.py --model mnist --logging-off   # Trainer logging on vs off, target <= 1.02
 
 Each round is one more epoch of a long-lived trainer and of the hand-written loop (run in alternating
-order). Two ratios per round: the steps (from the start of the epoch to the end of its last optimizer
-step, which includes the deferred per-step work such as the loss sums done in the loop), and the whole
-epoch, which adds what the trainer does once at its end (histograms, the sample grid, the checkpoint).
-The last line printed is the median step-time ratio. Weights after the first epoch must be
-bit-identical.
+order). Two ratios per round: the steps (`Trainer.train_seconds`: its loop over the epoch's batches,
+from creating the iterator to the check point after the last step, so the deferred per-step work, the
+waiting loss sums, is in), and the whole epoch, which adds what the trainer does once at its end
+(histograms, the sample grid, the checkpoint). The last line printed is the median step-time ratio.
+Weights after the first epoch must be bit-identical.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 from common import paired_rounds, report, temp_dir, timed
 
@@ -32,7 +31,6 @@ from config import check_config
 from data_loader.sampler import EpochSampler
 from logger import make_writer, setup_logging
 from model.model import MLP, DigitsCNN, MnistModel
-from trainer.callbacks import Callback
 from trainer.trainer import Trainer
 
 SPECS = {  # model, input shape, loss, target ratio
@@ -55,16 +53,6 @@ class RandomImages(Dataset):
 
     def __getitem__(self, index):
         return self.images[index], self.targets[index]
-
-
-class StepClock(Callback):
-    """The time from the start of an epoch to the end of its last optimizer step."""
-
-    def on_epoch_start(self, trainer, epoch: int) -> None:
-        self.start = time.perf_counter()
-
-    def on_batch_end(self, trainer, batch_idx: int, loss) -> None:
-        self.end = time.perf_counter()
 
 
 class BenchLoader(BaseDataLoader):
@@ -116,8 +104,6 @@ def main() -> None:
         trainer = Trainer(model, build_loss(config), build_metrics(config), optimizer, config, torch.device("cpu"),
                           BenchLoader(dataset, args.batch_size), None, None, run_dir=run_dir,
                           writer=make_writer(run_dir, logging_on))
-        trainer.clock = StepClock()
-        trainer.callbacks.append(trainer.clock)
         return trainer
 
     def make_hand():
@@ -133,7 +119,7 @@ def main() -> None:
         (steps, whole epoch) in seconds."""
         trainer.epochs = trainer.start_epoch = trainer.epoch + (trainer.global_step > 0)
         epoch = timed(trainer.train)
-        return trainer.clock.end - trainer.clock.start, epoch
+        return trainer.train_seconds, epoch
 
     def hand_epoch(state) -> tuple[float, float]:
         model, optimizer, sampler, loader = state

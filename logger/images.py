@@ -50,7 +50,7 @@ def sample_grid(data: torch.Tensor, target: torch.Tensor, output: torch.Tensor, 
     size = (max(1, round(images.shape[2] * scale)), max(1, round(images.shape[3] * scale)))
     images = torch.nn.functional.interpolate(images, size=size, mode="nearest-exact") if scale >= 1 else \
         torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True)
-    images = images.clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
+    images = images.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
     columns = min(n, 8)
     rows = -(-n // columns)
     canvas = np.zeros((rows * (TILE + CAPTION), columns * (TILE + GAP) - GAP, 3), dtype=np.uint8)
