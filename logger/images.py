@@ -44,13 +44,14 @@ def sample_grid(data: torch.Tensor, target: torch.Tensor, output: torch.Tensor, 
     # Each image scaled to 0..255 on its own: inputs are often normalised, and the grid shows shape, not level.
     low = images.amin(dim=(1, 2, 3), keepdim=True)
     high = images.amax(dim=(1, 2, 3), keepdim=True)
-    images = ((images - low) / (high - low).clamp_min(1e-12) * 255).round()
+    images = (images - low) / (high - low).clamp_min(1e-12) * 255
     # All tiles scaled in one operation: blocks of pixels when enlarged, smoothed when shrunk.
     scale = TILE / max(images.shape[2:])
     size = (max(1, round(images.shape[2] * scale)), max(1, round(images.shape[3] * scale)))
     images = torch.nn.functional.interpolate(images, size=size, mode="nearest-exact") if scale >= 1 else \
         torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True)
-    images = images.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
+    images = images.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
+    images = images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, h, w, 3)
     columns = min(n, 8)
     rows = -(-n // columns)
     canvas = np.zeros((rows * (TILE + CAPTION), columns * (TILE + GAP) - GAP, 3), dtype=np.uint8)
