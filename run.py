@@ -87,7 +87,9 @@ def train_run(args: argparse.Namespace) -> int:
         criterion, metric_fns = build_loss(config), build_metrics(config)
         build_callbacks(config, model)  # trainer.watch/freeze module names are checked before anything is written
         if args.dry_run:
-            return _dry_run(model, train_loader, criterion, optimizer, device, config, args, run_dir)
+            trainer = trainer_class(config)(model, criterion, metric_fns, optimizer, config, device, train_loader,
+                                            valid_loader, lr_scheduler)
+            return _dry_run(trainer, config, args, run_dir)
 
         # ---- side effects start here ----
         if run_dir is None:
@@ -166,23 +168,38 @@ def _apply_resume_overrides(saved: dict, config: dict, optimizer, lr_scheduler, 
                 lr_scheduler.base_lrs = [new] * len(optimizer.param_groups)
 
 
-def _dry_run(model, loader, criterion, optimizer, device, config, args, run_dir) -> int:
+def _dry_run(trainer, config: dict, args: argparse.Namespace, run_dir) -> int:
+    """One batch through the trainer's own step, backward and the metrics: model, data, step, loss and
+    metrics fit together, or one line says where they do not."""
+    import torch
+
     from base import model_summary
+    from runtime.batch import batch_size, describe, to_device
     from runtime.run_dir import new_run_id, run_root
 
-    model.train()
-    loader.set_epoch(1)
-    data, target = next(iter(loader))
-    optimizer.zero_grad()
+    trainer.model.train()
+    trainer.data_loader.set_epoch(1)
+    batch = next(iter(trainer.data_loader))
     try:
-        loss = criterion(model(data.to(device)), target.to(device))
-        loss.backward()
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        # Checking that model, data and loss fit together is what --dry-run is for: say so in one line.
-        raise ConfigError(f"--dry-run: one batch forward/backward failed: {exc.__class__.__name__}: "
+        batch = to_device(batch, trainer.device)
+        trainer.optimizer.zero_grad()
+        out = trainer.step(batch)
+        trainer._check_step_output(out, batch, training=True)
+        out["loss"].backward()
+        if trainer.train_metrics.enabled:
+            with torch.no_grad():
+                trainer.train_metrics.update(out["output"], out["target"], out.get("batch_size") or batch_size(batch))
+                trainer.train_metrics.compute()
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        # Checking that model, data, step, loss and metrics fit together is what --dry-run is for: one line.
+        raise ConfigError(f"--dry-run: one batch ({describe(batch)}) through {type(trainer).__name__}.step, "
+                          f"backward and the metrics failed: {exc.__class__.__name__}: "
                           f"{' '.join(str(exc).split())}") from None
-    print(model_summary(model))
-    print(f"one batch: input {tuple(data.shape)}, loss {loss.item():.4f}, backward ok")
+    print(model_summary(trainer.model))
+    print(f"one batch: {describe(batch)}, loss {out['loss'].item():.4f}, backward ok"
+          + (", metrics ok" if trainer.train_metrics.enabled else ""))
     where = run_dir or run_root(config) / (args.run_id or f"<timestamp like {new_run_id()}>")
     print(f"run directory (not created): {where}")
     return 0

@@ -40,30 +40,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     else:
         config = check_config(apply_overrides(state["config"], overrides, known=is_known_path), f"{path} (config)")
 
-    import torch
-
-    from config.build import build_loss, build_metrics, build_model, build_test_loader
+    from config.build import build_loss, build_metrics, build_model, build_test_loader, trainer_class
     from runtime.device import resolve_device
 
     device = resolve_device(config["device"], config.get("n_gpu"))
     config["arch"]["pretrained"] = None  # the checkpoint's own weights are loaded below
     model = build_model(config)
     load_model_state(model, state["state_dict"], strict=True, source=str(path))
-    model = model.to(device).eval()
+    model = model.to(device)
     loader = build_test_loader(config)
-    criterion, metric_fns = build_loss(config), build_metrics(config)
-    totals = torch.zeros(1 + len(metric_fns), dtype=torch.float64)
-    count = 0
-    with torch.no_grad():
-        for data, target in loader:
-            data, target = data.to(device), target.to(device)
-            output = model(data)
-            n = target.shape[0]
-            values = [criterion(output, target)] + [fn(output, target) for fn in metric_fns]
-            totals += torch.stack([v.detach().double().cpu() for v in values]) * n
-            count += n
-    names = ["loss"] + [fn.__name__ for fn in metric_fns]
-    return {name: (total / max(count, 1)).item() for name, total in zip(names, totals)}
+    # The run's own trainer class: its `step` and evaluation loop are the ones validation ran.
+    trainer = trainer_class(config)(model, build_loss(config), build_metrics(config), None, config, device, None)
+    trainer.verbosity = 0  # only the `name: value` lines on stdout
+    return trainer.evaluate(loader, desc="test")
 
 
 def main(argv: list[str] | None = None) -> int:

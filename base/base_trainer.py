@@ -1,7 +1,8 @@
 """The epoch loop: monitoring, early stopping, checkpoints, exact resume and stop signals.
 
-Subclasses implement `_train_epoch` and `_valid_epoch`; user code extends a run through the five
-hook methods named after the steps of the loop (see README: Extending the loop).
+trainer.trainer.Trainer implements the loop within an epoch; a task overrides its `step(batch)`
+(README: Your own training step) and extends a run through the five hook methods named after the
+steps of the loop (README: Extending the loop).
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class BaseTrainer(metaclass=ABCMeta):
         # `samples_in_epoch` samples (all processes) of it are done.
         self.start_epoch, self.epoch, self.global_step = 1, 1, 0
         self.batch_in_epoch = self.samples_in_epoch = 0
-        self.epoch_totals: dict | None = None  # running sums of the epoch in progress (mid-epoch resume)
+        self.epoch_running = False  # inside an epoch's training loop: a checkpoint holds its running sums
+        self.resumed_epoch_state: list[dict] | None = None  # those sums from a mid-epoch checkpoint
         self.not_improved_count, self.best_epoch = 0, 0
         self.callbacks: list = []  # objects with the hook methods below (trainer/callbacks.py)
 
@@ -69,6 +71,14 @@ class BaseTrainer(metaclass=ABCMeta):
         getattr(self, name)(*args)
         for callback in self.callbacks:
             getattr(callback, name)(self, *args)
+
+    @abstractmethod
+    def step(self, batch) -> dict:
+        """One batch on the device -> {"loss": ..., "output": ..., "target": ...} (see trainer.Trainer)."""
+
+    @abstractmethod
+    def epoch_state(self) -> dict | None:
+        """The running sums of the epoch in progress as plain data (None between epochs)."""
 
     @abstractmethod
     def _train_epoch(self, epoch: int) -> dict:
@@ -147,7 +157,7 @@ class BaseTrainer(metaclass=ABCMeta):
         local = self.stop_signal is not None and self.stop_signal.requested
         if not self.dist.enabled:
             return local
-        flag = torch.tensor([1.0 if local else 0.0])
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)  # NCCL serves device tensors only
         all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() and self.stop_signal is not None and self.stop_signal.signum is None:
             import signal
@@ -158,7 +168,7 @@ class BaseTrainer(metaclass=ABCMeta):
     # ---- checkpoints ----------------------------------------------------------------------------
     def checkpoint_state(self, epoch_finished: bool) -> dict:
         """The whole run state as plain data. A collective call under DDP (gathers per-rank RNG)."""
-        rank_state = {"rng": capture_rng(), "epoch_totals": self.epoch_totals}
+        rank_state = {"rng": capture_rng(), "epoch_totals": self.epoch_state()}
         if self.dist.enabled:
             ranks = [None] * self.dist.world_size
             torch.distributed.all_gather_object(ranks, rank_state)
@@ -241,19 +251,28 @@ class BaseTrainer(metaclass=ABCMeta):
             self.start_epoch = self.epoch
             self.batch_in_epoch, self.samples_in_epoch = state["batch_in_epoch"], state["samples_in_epoch"]
         ranks = state["ranks"]
+        running = [] if state["epoch_finished"] else [epoch_totals_v2(r["epoch_totals"]) for r in ranks
+                                                      if r["epoch_totals"] is not None]
         if len(ranks) == self.dist.world_size:
             mine = ranks[self.dist.rank]
             restore_rng(mine["rng"])
-            self.epoch_totals = mine["epoch_totals"] if not state["epoch_finished"] else None
+            self.resumed_epoch_state = [epoch_totals_v2(mine["epoch_totals"])] if running else None
         else:
             # A different number of processes: RNG streams cannot carry over; derive new ones, and
-            # keep the epoch's running sums whole on rank 0 so its averages stay right.
+            # merge the epoch's running sums on rank 0 so its epoch values stay right.
             torch.manual_seed(mix_seed(self.config["seed"], self.dist.rank, self.global_step))
-            totals = [r["epoch_totals"] for r in ranks if r["epoch_totals"] is not None]
-            if totals and not state["epoch_finished"]:
-                summed = {k: sum(t[k] for t in totals) for k in totals[0]}
-                self.epoch_totals = summed if self.dist.is_main else {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in summed.items()}
+            self.resumed_epoch_state = running if running and self.dist.is_main else None
             self.logger.warning(f"resuming a {len(ranks)}-process checkpoint with {self.dist.world_size} "
                                 f"process(es): the data order is kept, random streams start anew")
         where = "end" if state["epoch_finished"] else f"batch {self.batch_in_epoch}"
         self.logger.info(f"resumed at epoch {self.epoch} {where}, step {self.global_step}")
+
+
+def epoch_totals_v2(totals: dict) -> dict:
+    """A mid-epoch checkpoint's running sums in today's layout (trainer.metrics.EpochMetrics.state). Format 1
+    kept {"loss", "n", <metric>..., "n_metrics"}: function-metric sums, all over the same sampled batches."""
+    if "functions" in totals:
+        return totals
+    functions = {k: {"total": v, "count": totals["n_metrics"]} for k, v in totals.items()
+                 if k not in ("loss", "n", "n_metrics")}
+    return {"loss": {"total": totals["loss"], "count": totals["n"]}, "functions": functions, "objects": {}}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from config.files import apply_overrides, plain_problems, read_config_file
 from config.registry import check_args, default_of, resolve
-from config.schema import is_known_path, short, validate
+from config.schema import is_known_path, metric_spec, short, validate
 from errors import ConfigError
 
 __all__ = ["load_config", "check_config", "metric_names"]
@@ -67,11 +67,8 @@ def _check_types(config: dict, problems: list[str]) -> None:
     elif isinstance(loss, dict):
         _check_typed(config, "loss", problems, skip_positional=2)
     metrics = config.get("metrics") if isinstance(config.get("metrics"), list) else None
-    for i, name in enumerate(metrics or []):
-        _, problem = resolve("metrics", name, f"metrics[{i}]")
-        if problem:
-            problems.append(problem)
-            metrics = None
+    if metrics is not None and not _check_metrics(metrics, problems):
+        metrics = None
     _check_scheduler(config.get("lr_scheduler"), "lr_scheduler", problems)
     scheduler = config.get("lr_scheduler")
     if isinstance(scheduler, dict) and scheduler.get("type") == "ReduceLROnPlateau":
@@ -81,7 +78,11 @@ def _check_types(config: dict, problems: list[str]) -> None:
     trainer = config.get("trainer")
     if isinstance(trainer, dict):
         if isinstance(trainer.get("type"), str):
-            _, problem = resolve("trainer", trainer["type"], "trainer.type")
+            target, problem = resolve("trainer", trainer["type"], "trainer.type")
+            if target is not None:
+                from trainer.trainer import loop_override
+
+                problem = loop_override(target)
             if problem:
                 problems.append(problem)
         if metrics is not None:  # with an unknown metric the list of what the run logs means nothing
@@ -114,10 +115,47 @@ def _check_scheduler(spec, where: str, problems: list[str]) -> None:
     _check_typed(holder, "lr_scheduler", problems, injected=("optimizer",), where=where)
 
 
+def _check_metrics(metrics: list, problems: list[str]) -> bool:
+    """Each entry names a metric function or class, with arguments it takes; names are unique."""
+    import inspect
+
+    seen: dict[str, int] = {}
+    ok = True
+    for i, item in enumerate(metrics):
+        where = f"metrics[{i}]"
+        spec = metric_spec(item)
+        if isinstance(item, dict):
+            unknown = [k for k in item if k not in ("type", "args", "name")]
+            if unknown or spec is None or not isinstance(item.get("args", {}), dict) \
+                    or not isinstance(item.get("name", ""), str) or not (item.get("name") or "x").isidentifier():
+                problems.append(f"{where}: expected {{type: metric, args: {{...}}, name: identifier}} (args and name "
+                                f"optional), got {short(item)}")
+                ok = False
+                continue
+        if spec is None:
+            continue  # the schema reported it
+        target, problem = resolve("metrics", spec["type"], f"{where}.type" if isinstance(item, dict) else where)
+        if problem:
+            problems.append(problem)
+            ok = False
+            continue
+        if spec["args"] or inspect.isclass(target):
+            args, found = check_args(target, spec["args"], f"{where}.args", skip_positional=0 if inspect.isclass(target) else 2)
+            problems.extend(found)
+            if isinstance(item, dict):
+                item["args"] = args
+        if spec["name"] in seen:
+            problems.append(f"{where}: a second metric named {spec['name']!r} (the first is metrics[{seen[spec['name']]}]); "
+                            f"remove one, or tell them apart with `name:`")
+            ok = False
+        seen.setdefault(spec["name"], i)
+    return ok
+
+
 def metric_names(config: dict, loader_cls=None) -> list[str]:
     """Every name a run logs per epoch: loss and metrics, and val_ versions when there is a split."""
     metrics = config.get("metrics") if isinstance(config.get("metrics"), list) else []
-    names = ["loss"] + [name for name in metrics if isinstance(name, str)]
+    names = ["loss"] + [spec["name"] for spec in map(metric_spec, metrics) if spec is not None]
     args = config["data_loader"].get("args")
     args = args if isinstance(args, dict) else {}
     split = args.get("validation_split", default_of(loader_cls, "validation_split", 0.0) if loader_cls else 0.0)

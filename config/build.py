@@ -99,8 +99,22 @@ def build_loss(config: dict) -> Callable:
     return partial(fn, **spec["args"]) if spec["args"] else fn
 
 
-def build_metrics(config: dict) -> list[Callable]:
-    return [candidates("metrics")[name] for name in config["metrics"]]
+def build_metrics(config: dict) -> list[tuple[str, Any]]:
+    """(name, metric) pairs: a function (arguments bound), or a torchmetrics object (its own state)."""
+    import inspect
+
+    from config.schema import metric_spec
+
+    metrics = []
+    for i, item in enumerate(config["metrics"]):
+        spec = metric_spec(item)
+        target, _ = resolve("metrics", spec["type"], f"metrics[{i}]")
+        if inspect.isclass(target):
+            metric = _construct(f"metrics[{i}].args", target, **spec["args"])
+        else:
+            metric = partial(target, **spec["args"]) if spec["args"] else target
+        metrics.append((spec["name"], metric))
+    return metrics
 
 
 def trainer_class(config: dict):

@@ -29,7 +29,10 @@ def project_classes(package: str, base_name: str) -> dict[str, type]:
     for info in pkgutil.iter_modules(pkg.__path__):
         module = importlib.import_module(f"{package}.{info.name}")
         for name, obj in vars(module).items():
-            if (isinstance(obj, type) and issubclass(obj, base_cls) and not inspect.isabstract(obj)
+            # Abstract trainers too: one that implements pytorch-template's _train_epoch instead of `step` is
+            # refused with a message saying what to override (trainer.trainer.loop_override), not "unknown".
+            if (isinstance(obj, type) and issubclass(obj, base_cls) and obj is not base_cls
+                    and (not inspect.isabstract(obj) or base_name == "BaseTrainer")
                     and obj.__module__.startswith(package + ".") and not name.startswith("_")):
                 found[name] = obj
     return found
@@ -54,6 +57,28 @@ def torch_classes(section: str) -> dict[str, type]:
     return {name: obj for name, obj in vars(module).items()
             if isinstance(obj, type) and issubclass(obj, bases) and obj is not bases[0]  # ReduceLROnPlateau is usable
             and not name.startswith("_")}
+
+
+@lru_cache(maxsize=None)
+def metric_classes() -> dict[str, type]:
+    """torchmetrics' metric classes (top level, classification, regression, segmentation, aggregation) and
+    the torchmetrics.Metric subclasses of model/metric.py."""
+    import importlib
+
+    import torchmetrics
+
+    found: dict[str, type] = {}
+    for module_name in ("torchmetrics", "torchmetrics.classification", "torchmetrics.regression",
+                        "torchmetrics.segmentation", "torchmetrics.aggregation", "model.metric"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for name, obj in vars(module).items():
+            if isinstance(obj, type) and issubclass(obj, torchmetrics.Metric) and obj is not torchmetrics.Metric \
+                    and not name.startswith("_"):
+                found[name] = obj
+    return found
 
 
 @lru_cache(maxsize=None)
@@ -97,10 +122,14 @@ def resolve(section: str, name: Any, where: str) -> tuple[Any, str | None]:
         return found[name], None
     if section == "arch" and "." not in name and name in torchvision_models():
         return name, None  # built by config.build through torchvision.models.get_model
+    if section == "metrics" and name[:1].isupper() and name in metric_classes():
+        return metric_classes()[name], None  # torchmetrics is imported only for class names (~1.5 s)
     valid = sorted(found)
-    extra = " or any torchvision.models name (e.g. resnet18)" if section == "arch" else ""
+    extra = " or any torchvision.models name (e.g. resnet18)" if section == "arch" else \
+        " or a torchmetrics class (e.g. MulticlassF1Score)" if section == "metrics" else ""
     shown = ", ".join(valid[:40]) + (", ..." if len(valid) > 40 else "")
-    pool = valid + (list(torchvision_models()) if section == "arch" else [])
+    pool = valid + (list(torchvision_models()) if section == "arch" else
+                    list(metric_classes()) if section == "metrics" and name[:1].isupper() else [])
     return None, (f"{where}: {short(name)} is not {ARTICLE[section]} {WHAT[section]}{suggest(name, pool)}; "
                   f"valid: {shown}{extra}")
 

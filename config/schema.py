@@ -65,7 +65,10 @@ SCHEMA: dict[str, Key] = {
     "loss": Key("loss", "name of a function in model/loss.py, or {type, args} to bind keyword arguments",
                 keys={"type": Key("str", "a function in model/loss.py"),
                       "args": Key("dict", "keyword arguments bound to it, checked against its signature", {})}),
-    "metrics": Key("list", "names of functions in model/metric.py", [], item="str"),
+    "metrics": Key("list", "each a function in model/metric.py (a mean of per-batch values), or a torchmetrics "
+                   "class (computed over the whole epoch), by name or as {type, args, name}; logged as "
+                   "<name>/train and <name>/val (name: the function's, or the class's in snake_case)", [],
+                   item="metric"),
     "lr_scheduler": _typed("LR scheduler", "a torch.optim.lr_scheduler class; the builder passes the optimizer; "
                            "SequentialLR and ChainedScheduler take schedulers: [{type, args}, ...]", {
         "interval": Key("str", "step the scheduler every epoch or every optimizer step", "epoch",
@@ -86,6 +89,12 @@ SCHEMA: dict[str, Key] = {
                           minimum=0),
         "tensorboard": Key("bool", "write TensorBoard event files into the run directory", True),
         "log_every_steps": Key("int", "log the training loss every N optimizer steps", 50, minimum=1),
+        "train_metric_batches": Key("int", "training metrics other than the loss are computed on about N "
+                                           "batches per epoch (0: on every batch); evaluation uses every batch",
+                                    16, minimum=0),
+        "allow_nonfinite_buffers": Key("list", "fnmatch patterns of buffers (state_dict keys) that may hold inf or "
+                                               "NaN; any other non-finite parameter, buffer or optimizer value "
+                                               "stops the run before it reaches a checkpoint", [], item="str"),
         "histograms": Key("bool", "weight and gradient histograms once per epoch", True),
         "images": Key("bool", "a grid of input samples with true/predicted labels once per epoch", True),
         "amp": Key("str", "mixed precision: off | bf16 | fp16 (fp16 uses a GradScaler)", "off",
@@ -140,13 +149,30 @@ def _kind_ok(kind: str, value: Any) -> tuple[bool, Any]:
         return isinstance(value, list), value
     if kind in ("dict", "section"):
         return isinstance(value, dict), value
-    if kind == "loss":
+    if kind in ("loss", "metric"):
         return isinstance(value, (str, dict)), value
     raise AssertionError(kind)
 
 
 KIND_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-              "list": "a list", "dict": "a mapping", "section": "a mapping", "loss": "a name or {type, args}"}
+              "list": "a list", "dict": "a mapping", "section": "a mapping", "loss": "a name or {type, args}",
+              "metric": "a name or {type, args, name}"}
+
+
+def snake_case(name: str) -> str:
+    """MulticlassF1Score -> multiclass_f1_score; a function's name stays as it is."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def metric_spec(item) -> dict | None:
+    """A `metrics` entry as {type, args, name}: a plain name is {type: name}; None when malformed."""
+    if isinstance(item, str):
+        return {"type": item, "args": {}, "name": snake_case(item)}
+    if isinstance(item, dict) and isinstance(item.get("type"), str):
+        name = item.get("name")
+        return {"type": item["type"], "args": item.get("args") or {},
+                "name": name if isinstance(name, str) else snake_case(item["type"])}
+    return None
 
 
 def suggest(word: str, candidates) -> str:
@@ -250,7 +276,7 @@ def keys_under(parts: list[str]) -> list[str]:
 
 
 TYPE_NAMES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "list",
-              "dict": "mapping", "section": "section", "loss": "string or section"}
+              "dict": "mapping", "section": "section", "loss": "string or section", "metric": "name or section"}
 
 
 def _type_cell(key: Key) -> str:

@@ -63,6 +63,12 @@ class EpochSampler(Sampler[int]):
             remaining = remaining[self.rank::self.world_size]
         return iter(remaining.tolist())
 
+    def real_count(self) -> int:
+        """How many of the items this rank yields in the current pass are not padding (the rest, at the
+        end, repeat items of the epoch so that every rank takes as many steps)."""
+        remaining = max(len(self.indices) - self.start, 0)
+        return len(range(self.rank, remaining, self.world_size))
+
     def __len__(self) -> int:
         remaining = max(len(self.indices) - self.start, 0)
         if self.world_size == 1:

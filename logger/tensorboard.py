@@ -33,7 +33,7 @@ class NullWriter:
     def add_text(self, *args, **kwargs) -> None: ...
     def add_graph(self, *args, **kwargs) -> None: ...
     def add_run_start(self, *args, **kwargs) -> None: ...
-    def add_sample_grid(self, *args, **kwargs) -> None: ...
+    def add_picture(self, *args, **kwargs) -> None: ...
     def add_model_graph(self, *args, **kwargs) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
@@ -155,10 +155,8 @@ def make_writer(log_dir: str | Path | None, enabled: bool, purge_step: int | Non
             self.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)  # a code block
             self.flush()  # a run killed in its first minute still shows its hyperparameters
 
-        def add_sample_grid(self, tag: str, data, target, output, step: int,
-                            classes: list[str] | None = None) -> None:
-            from logger.images import sample_grid
-
+        def add_picture(self, tag: str, picture, step: int) -> None:
+            """An (H, W, 3) uint8 tensor or array as a PNG image (the sample views of logger/views.py)."""
             if self.__dict__.get("without_pillow"):
                 return
             try:
@@ -169,14 +167,11 @@ def make_writer(log_dir: str | Path | None, enabled: bool, purge_step: int | Non
                 return
             from tensorboard.compat.proto.summary_pb2 import Summary
 
-            grid = sample_grid(data, target, output, classes=classes)
-            if grid is None:
-                return
-
+            picture = picture.numpy() if hasattr(picture, "numpy") else picture
             # Encoded here rather than by add_image: a third of the time (fast zlib level, no conversions).
             png = io.BytesIO()
-            Image.fromarray(grid.numpy()).save(png, format="PNG", compress_level=1)
-            image = Summary.Image(height=grid.shape[0], width=grid.shape[1], colorspace=3,
+            Image.fromarray(picture).save(png, format="PNG", compress_level=1)
+            image = Summary.Image(height=picture.shape[0], width=picture.shape[1], colorspace=3,
                                   encoded_image_string=png.getvalue())
             self._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 

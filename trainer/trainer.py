@@ -1,41 +1,78 @@
+"""The training loop. A task overrides one method, `step`; everything else happens here.
+
+    class SegmentationTrainer(Trainer):
+        def step(self, batch):                     # batch: as collated, already on the device
+            output = self.model(batch["image"])
+            return {"loss": self.criterion(output, batch["mask"]), "output": output, "target": batch["mask"]}
+
+Training and evaluation (validation, test.py) call the same `step`; the bookkeeping around it (data
+order, global_step, accumulation, AMP, clipping, the NaN guard, checkpoints, signals, DDP, metrics) is
+the loop's, in named helpers below, and not the user's to repeat.
+"""
 from __future__ import annotations
 
 import contextlib
 import math
 import signal
 import time
+from fnmatch import fnmatch
 
 import torch
 
 from base import BaseTrainer
 from checkpoint import unwrap_model
-from errors import Interrupted, TrainingError
+from errors import ConfigError, Interrupted, TrainingError
 from logger import Progress
-from logger.images import class_names
+from logger.views import SampleViews
+from runtime.batch import batch_size, describe, head, to_device
 from runtime.distributed import all_reduce
 from trainer.callbacks import build_callbacks
+from trainer.metrics import EpochMetrics
 
 CHECK_SECONDS = 0.25  # how often the NaN guard runs (and under DDP the ranks agree); see _check_point
 MAX_CHECK_STEPS = 1000  # and at least every this many steps, which bounds the list of waiting losses
 NULL_CONTEXT = contextlib.nullcontext()  # reusable; one fewer object per step
+LOOP_METHODS = ("train", "_train_epoch", "_valid_epoch", "evaluate")
+
+
+def loop_override(cls: type) -> str | None:
+    """Why `cls` cannot be a trainer, or None. A pytorch-template-style `_train_epoch` would skip the data
+    order, global_step and checkpoints, and validate and step the scheduler a second time, silently."""
+    if not issubclass(cls, Trainer):
+        return (f"trainer.type: {cls.__name__} must subclass trainer.trainer.Trainer and override "
+                f"step(self, batch) (README: Your own training step)")
+    for name in LOOP_METHODS:
+        if getattr(cls, name) is not getattr(Trainer, name):
+            return (f"trainer.type: {cls.__name__} overrides {name}(), which would bypass the loop's bookkeeping "
+                    f"(data order, global_step, validation, the LR scheduler, checkpoints); override "
+                    f"step(self, batch) instead, which gets the batch on the device and returns "
+                    f"{{'loss', 'output', 'target'}}, and the on_* hooks for per-epoch work "
+                    f"(README: Your own training step)")
+    return None
 
 
 class Trainer(BaseTrainer):
-    """Supervised training: (input, target) batches, a loss, metrics averaged over samples."""
+    """Supervised training. The default `step` takes (input, target) batches; override it for any other."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        problem = loop_override(type(self))
+        if problem:
+            raise ConfigError(problem)
         cfg = self.config["trainer"]
         self.log_every = cfg["log_every_steps"]
         self.save_every = cfg["save_every_steps"]
         self.accumulate = cfg["accumulate_grad_batches"]
         self.clip_norm, self.clip_value = cfg["clip_grad_norm"], cfg["clip_grad_value"]
+        self.metric_batches = cfg["train_metric_batches"]
+        self.nonfinite_buffers_allowed = cfg["allow_nonfinite_buffers"]
         amp = cfg["amp"]
         # A disabled torch.autocast still costs two context switches per step: use a null context.
         self.autocast = NULL_CONTEXT if amp == "off" else torch.autocast(
             self.device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
-        self.metric_names = ["loss"] + [fn.__name__ for fn in self.metric_fns]
+        self.train_metrics = EpochMetrics(self.metric_fns, self.device)
+        self.valid_metrics = EpochMetrics(self.metric_fns, self.device)
         self.histograms = cfg["histograms"] and self.writer.enabled
         self.images = cfg["images"] and self.writer.enabled
         self.callbacks = build_callbacks(self.config, unwrap_model(self.model))
@@ -43,110 +80,117 @@ class Trainer(BaseTrainer):
         self._losses: list[tuple[torch.Tensor, int, int]] = []  # (loss, batch size, step) not yet summed
         self._first_bad_loss: int | None = None  # this rank's first step with a non-finite loss (DDP)
         self._next_check, self._checked_at = 0, (0, time.perf_counter())  # see _check_point
+        self._step_checked = False  # the step's return value is checked once, on the first batch
         self.train_seconds = 0.0  # the last epoch's training loop (for its throughput)
 
-    def _new_totals(self) -> dict:
-        """Running sums of an epoch: `loss` over every sample, metrics over the sampled batches."""
-        totals = {name: torch.zeros((), dtype=torch.float64, device=self.device) for name in self.metric_names}
-        return {**totals, "n": 0, "n_metrics": 0}
+    # ---- the one method a task overrides ---------------------------------------------------------
+    def step(self, batch) -> dict:
+        """One batch, already on the device -> {"loss": scalar tensor, "output": ..., "target": ...}.
 
-    def _accumulate(self, totals: dict, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> None:
-        # Weighted by batch size and kept on the device: no host sync per batch.
-        totals["loss"].add_(loss.detach(), alpha=target.shape[0])
-        totals["n"] += target.shape[0]
-        self._add_metrics(totals, output, target)
+        "output" and "target" go to every metric as metric(output, target). Optional keys: "input" (what
+        TensorBoard's sample views show; default: the batch's first tensor) and "batch_size" (default: the
+        first tensor's first dimension). Runs in training (model.train(), gradients on) and in evaluation
+        (model.eval(), torch.no_grad()) alike. The default expects (input, target) batches."""
+        data, target = batch
+        output = self.model(data)
+        return {"loss": self.criterion(output, target), "output": output, "target": target}
 
-    def _add_metrics(self, totals: dict, output: torch.Tensor, target: torch.Tensor) -> None:
-        if self.metric_fns:
-            output = output.detach()
-            for fn in self.metric_fns:
-                totals[fn.__name__].add_(fn(output, target), alpha=target.shape[0])
-            totals["n_metrics"] += target.shape[0]
-
-    def _pending_losses(self) -> tuple[torch.Tensor | float, int]:
-        """The waiting training losses: their sum weighted by batch size, and their number of samples."""
-        if not self._losses:
-            return 0.0, 0
-        losses, sizes, _ = zip(*self._losses)
-        return torch.stack(losses).double() @ torch.tensor(sizes, dtype=torch.float64, device=self.device), sum(sizes)
-
-    def _fold_losses(self, totals: dict) -> None:
-        """The NaN guard: add the waiting training losses to the epoch's sum and check that sum (one host
-        read). A non-finite loss stops the run, naming its step (under DDP at the ranks' next check point,
-        where every rank stops)."""
-        if not self._losses:
-            return
-        pending, n = self._pending_losses()
-        totals["loss"].add_(pending)
-        totals["n"] += n
-        if not math.isfinite(float(pending)):
-            step = next((step for loss, _, step in self._losses if not torch.isfinite(loss).all()), self.global_step)
-            if not self.dist.enabled:
-                self._raise_nonfinite(step)
-            if self._first_bad_loss is None:  # rank-local: every rank stops at the next check point
-                self._first_bad_loss = step
-        self._losses.clear()
-
-    def _averages(self, totals: dict, reduce: bool = False) -> dict:
-        pending, n_pending = self._pending_losses() if totals is self.epoch_totals else (0.0, 0)
-        sums = torch.stack([totals["loss"] + pending] + [totals[k] for k in self.metric_names[1:]])
-        counts = torch.tensor([totals["n"] + n_pending, totals["n_metrics"]], dtype=torch.float64, device=self.device)
-        if reduce and self.dist.enabled:
-            sums, counts = all_reduce(sums), all_reduce(counts)
-        sums, (n, n_metrics) = sums.tolist(), counts.tolist()
-        return {name: value / max(n if name == "loss" else n_metrics, 1.0) for name, value in zip(self.metric_names, sums)}
-
+    # ---- training ----------------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict:
         self.model.train()
-        self.data_loader.set_epoch(epoch, start=self.samples_in_epoch)
-        total = self.batch_in_epoch + len(self.data_loader)
-        # Train metrics other than the loss cost several kernels each: they are computed on about 16
-        # batches of an epoch (every batch when it has fewer); the loss and validation use every sample.
-        metric_every = max(1, total // 16)
-        totals = self._new_totals()
-        if self.epoch_totals is not None:  # resumed mid-epoch: continue the epoch's running sums
-            for k, v in self.epoch_totals.items():
-                totals[k] += v.to(self.device) if isinstance(v, torch.Tensor) else v
-        self.epoch_totals = totals
-        progress = Progress(self.data_loader, total, f"epoch {epoch}", self.dist.is_main and self.verbosity > 0,
-                            initial=self.batch_in_epoch)
-        progress.postfix = lambda: self._averages(totals)
-        started, started_samples = time.perf_counter(), self.samples_in_epoch
-        self._next_check, self._checked_at = self.global_step, (self.global_step, started)  # e.g. after a resume
-        accumulate, world_size, output = self.accumulate, self.dist.world_size, None
-        for data, target in progress:
-            data, target = data.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
-            batch = self.batch_in_epoch
-            group_start = batch - batch % accumulate
-            group_size = min(accumulate, total - group_start)  # the last group of an epoch may be short
-            last_in_group = batch + 1 == group_start + group_size
-            if batch == group_start:
+        progress, total = self._start_epoch(epoch)
+        for batch in progress:
+            batch = to_device(batch, self.device)
+            first, last, group_size = self._group_position(total)
+            if first:
                 self.optimizer.zero_grad(set_to_none=True)
-            with self._no_sync(not last_in_group), self.autocast:
-                output = self.model(data)
-                loss = self.criterion(output, target)
+            with self._no_sync(not last), self.autocast:
+                out = self.step(batch)
+            loss = self._loss_of(out, batch)
             # Dividing by the group size makes k micro-batches of b the same update as one batch of k*b.
             self.scaler.scale(loss / group_size if group_size > 1 else loss).backward()
-            # The loss joins a list, summed and checked every ~0.25 s (`_fold_losses`): on a 1 ms step every
-            # extra kernel shows (~15 us each, cache-cold). Other metrics: on ~16 batches an epoch.
-            n = target.shape[0]
-            self._losses.append((loss.detach(), n, self.global_step + 1))
-            if batch % metric_every == 0:
-                self._add_metrics(totals, output, target)
-            self.batch_in_epoch = batch + 1
-            self.samples_in_epoch += n * world_size
-            if last_in_group:
+            self._record(out, batch, loss, total)
+            if last:
                 self._optimizer_step()
-                self._hook("on_batch_end", batch, loss)
-                if self.global_step % self.log_every == 0:
-                    self.writer.add_scalar("loss/train_step", loss.detach(), self.global_step)
-                save_now = self.save_every and self.global_step % self.save_every == 0 and batch + 1 < total
-                if self._check_point(totals, force=save_now):
-                    self._stop_now(epoch)
-                if save_now:
-                    self.save_mid_epoch()
-        if self._check_point(totals, force=True):  # the epoch's last steps
+                self._after_optimizer_step(epoch, loss, total)
+        return self._end_epoch(epoch)
+
+    def _start_epoch(self, epoch: int) -> tuple[Progress, int]:
+        """Fix the epoch's data order (from where a resume left it), continue or reset the epoch's sums,
+        and set up progress, clocks and the schedule of the training metrics."""
+        loader = self.data_loader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch, start=self.samples_in_epoch)
+        total = self.batch_in_epoch + len(loader)
+        # Train metrics other than the loss cost several kernels each: by default they are computed on about
+        # 16 batches of an epoch (trainer.train_metric_batches); the loss and evaluation use every sample.
+        self._metric_every = max(1, total // self.metric_batches) if self.metric_batches else 1
+        # Under DDP the last batches are padded with repeated samples: metrics leave those out.
+        sampler = getattr(loader, "sampler", None)
+        self._real_left = sampler.real_count() if hasattr(sampler, "real_count") else math.inf
+        if self.resumed_epoch_state is not None:
+            self.train_metrics.load_states(self.resumed_epoch_state)
+            self.resumed_epoch_state = None
+        else:
+            self.train_metrics.reset()
+        self.epoch_running = True
+        self._last_out = None
+        progress = Progress(loader, total, f"epoch {epoch}", self.dist.is_main and self.verbosity > 0,
+                            initial=self.batch_in_epoch)
+        progress.postfix = self._running_means
+        self._started = (time.perf_counter(), self.samples_in_epoch)
+        self._next_check, self._checked_at = self.global_step, (self.global_step, self._started[0])
+        return progress, total
+
+    def _group_position(self, total: int) -> tuple[bool, bool, int]:
+        """(first micro-batch of its accumulation group, last one, the group's size)."""
+        batch, accumulate = self.batch_in_epoch, self.accumulate
+        group_start = batch - batch % accumulate
+        group_size = min(accumulate, total - group_start)  # the last group of an epoch may be short
+        return batch == group_start, batch + 1 == group_start + group_size, group_size
+
+    def _loss_of(self, out, batch) -> torch.Tensor:
+        if not self._step_checked:
+            self._check_step_output(out, batch, training=True)
+        return out["loss"]
+
+    def _record(self, out: dict, batch, loss: torch.Tensor, total: int) -> None:
+        """Per-batch bookkeeping: the loss joins a list summed and checked about every 0.25 s (`_check_point`:
+        on a 1 ms step every extra kernel shows, ~15 us each), metrics on their batches, the position."""
+        n = out.get("batch_size") or batch_size(batch)
+        batch_idx = self.batch_in_epoch
+        self._losses.append((loss.detach(), n, self.global_step + 1))
+        if self.train_metrics.enabled and batch_idx % self._metric_every == 0:
+            self._update_metrics(self.train_metrics, out, n)
+        self._real_left -= n
+        self.batch_in_epoch = batch_idx + 1
+        self.samples_in_epoch += n * self.dist.world_size
+        self._last_out = (out, batch)
+
+    def _update_metrics(self, metrics: EpochMetrics, out: dict, n: int) -> None:
+        real = min(n, self._real_left) if metrics is self.train_metrics else n
+        if real <= 0:
+            return
+        output, target = out.get("output"), out.get("target")
+        if real < n:  # the tail of the last batch repeats samples (DDP padding)
+            output, target = head(output, real), head(target, real)
+        metrics.update(output, target, real)
+
+    def _after_optimizer_step(self, epoch: int, loss: torch.Tensor, total: int) -> None:
+        """Hooks, step logging, the check point (NaN guard, signals), mid-epoch checkpoints."""
+        self._hook("on_batch_end", self.batch_in_epoch - 1, loss)
+        if self.global_step % self.log_every == 0:
+            self.writer.add_scalar("loss/train_step", loss.detach(), self.global_step)
+        save_now = self.save_every and self.global_step % self.save_every == 0 and self.batch_in_epoch < total
+        if self._check_point(force=save_now):
             self._stop_now(epoch)
+        if save_now:
+            self.save_mid_epoch()
+
+    def _end_epoch(self, epoch: int) -> dict:
+        if self._check_point(force=True):  # the epoch's last steps
+            self._stop_now(epoch)
+        started, started_samples = self._started
         # The epoch's steps, their deferred loss sums included (bench/overhead.py compares it with a plain loop).
         self.train_seconds = time.perf_counter() - started
         self.writer.add_scalar("throughput/train_samples_per_s",
@@ -157,12 +201,98 @@ class Trainer(BaseTrainer):
                 self.writer.add_histogram(f"weights/{name}", param.detach(), self.global_step)
                 if param.grad is not None:
                     self.writer.add_histogram(f"grads/{name}", param.grad.detach(), self.global_step)
-        if self.valid_data_loader is None and output is not None:  # without validation, show the last batch
-            self._log_batch_views(epoch, "train", self.data_loader, (data, target, output.detach()))
-        result = self._averages(totals, reduce=True)
-        self.epoch_totals = None
+        if self.valid_data_loader is None and self._last_out is not None and self.images:
+            out, batch = self._last_out  # without validation, the views show the epoch's last batch
+            views = SampleViews(out.get("batch_size") or batch_size(batch))
+            views.collect(*self._view_parts(out, batch))
+            views.draw(self.writer, "samples/train", self.global_step, self.data_loader)
+        self._last_out = None
+        result = self.train_metrics.compute(self.dist.enabled, loss=(self.train_metrics.loss.total,
+                                                                    self.train_metrics.loss.count))
+        self.epoch_running = False
         return result
 
+    def _running_means(self) -> dict:
+        """The progress bar's values: this process's sums so far, the waiting losses included."""
+        means = self.train_metrics.running_means()
+        pending, n_pending = self._pending_losses()
+        loss = self.train_metrics.loss
+        means["loss"] = (loss.total + pending).item() / max(loss.count + n_pending, 1)
+        return means
+
+    # ---- evaluation: validation and test.py --------------------------------------------------------
+    def _valid_epoch(self, epoch: int) -> dict:
+        views = SampleViews(len(self.valid_data_loader.sampler) if hasattr(self.valid_data_loader, "sampler")
+                            else 0) if self.images else None
+        graph = self.writer.enabled and epoch == 1
+        result = self.evaluate(self.valid_data_loader, self.valid_metrics, f"valid {epoch}", views, graph)
+        if views is not None:
+            views.draw(self.writer, "samples/val", self.global_step, self.valid_data_loader)
+        return result
+
+    @torch.no_grad()
+    def evaluate(self, loader, metrics: EpochMetrics | None = None, desc: str = "evaluate",
+                 views: SampleViews | None = None, graph: bool = False) -> dict:
+        """The step over every batch of `loader` in eval mode; {"loss": ..., metric: ...} over all of them
+        (and all processes). Validation and test.py both run this."""
+        metrics = metrics if metrics is not None else self.valid_metrics
+        metrics.reset()
+        wrapped, self.model = self.model, unwrap_model(self.model)  # no DDP collectives: ranks may hold
+        self.model.eval()                                            # unequal numbers of batches
+        capture = _InputCapture(self.model) if graph else None
+        try:
+            progress = Progress(loader, len(loader), desc, self.dist.is_main and self.verbosity > 0)
+            progress.postfix = metrics.running_means
+            for batch in progress:
+                batch = to_device(batch, self.device)
+                with self.autocast:
+                    out = self.step(batch)
+                if not self._step_checked:
+                    self._check_step_output(out, batch, training=False)
+                n = out.get("batch_size") or batch_size(batch)
+                metrics.loss.add(out["loss"], n)
+                if metrics.enabled:
+                    metrics.update(out.get("output"), out.get("target"), n)
+                if views is not None:
+                    views.collect(*self._view_parts(out, batch))
+                if capture is not None:
+                    capture.remove()
+        finally:
+            if capture is not None:
+                capture.remove()
+                if capture.inputs is not None:
+                    self.writer.add_model_graph(self.model, capture.inputs)
+            self.model = wrapped
+        return metrics.compute(self.dist.enabled)
+
+    @staticmethod
+    def _view_parts(out: dict, batch) -> tuple:
+        """(input, target, output) for the sample views: the step's "input", else the batch's first tensor."""
+        from runtime.batch import first_tensor
+
+        inputs = out.get("input") if "input" in out else first_tensor(batch)
+        return inputs, out.get("target"), out.get("output")
+
+    def _check_step_output(self, out, batch, training: bool) -> None:
+        """The first batch's step result, checked once: a mistake in a user's step is one clear line."""
+        name = f"{type(self).__name__}.step"
+        if not isinstance(out, dict):
+            raise ConfigError(f"{name} must return a dict with a 'loss' tensor (and 'output', 'target' for "
+                              f"metrics), got {type(out).__name__}")
+        loss = out.get("loss")
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError(f"{name}: 'loss' must be a tensor holding one number, got {got} (batch: "
+                              f"{describe(batch)})")
+        if training and not loss.requires_grad:
+            raise ConfigError(f"{name}: 'loss' does not require grad: it was not computed from the model's "
+                              f"parameters (detached, or computed under torch.no_grad?)")
+        if self.metric_fns and ("output" not in out or "target" not in out):
+            raise ConfigError(f"{name} must return 'output' and 'target' when metrics are configured (they are "
+                              f"called as metric(output, target)); it returned {sorted(out)}")
+        self._step_checked = True
+
+    # ---- the helpers behind the step: accumulation, clipping, the NaN guard, signals -----------------
     def _stop_now(self, epoch: int) -> None:
         """A signal reached a rank: save this step on every rank alike, then exit 128 + signal."""
         self.save_mid_epoch()
@@ -207,24 +337,32 @@ class Trainer(BaseTrainer):
             torch.nn.utils.clip_grads_with_norm_(params, self.clip_norm, clip_from)
         return grad_norm
 
-    def _diagnose_nonfinite(self, step: int, gradients: bool = True) -> None:
-        """Before a checkpoint: raise if the gradients of step `step` (when asked) or the weights after it are
-        not finite. (A non-finite gradient with a finite loss shows here, or as the next steps' losses.)"""
-        params = list(unwrap_model(self.model).named_parameters())
-        grads = [(name, p.grad) for name, p in params if gradients and p.grad is not None]
-        checks = [torch.isfinite(p.detach()).all() for _, p in params] + [torch.isfinite(g).all() for _, g in grads]
-        if torch.stack(checks).all().item():  # one host sync
-            return
-        where = f"step {step} (epoch {self.epoch})"
-        kept = "checkpoints on disk are from before it"
-        for name, grad in grads:
-            if not torch.isfinite(grad).all():
-                raise TrainingError(f"non-finite gradient at {where} in parameter {name!r}; {kept}")
-        name = next(n for n, p in params if not torch.isfinite(p.detach()).all())
-        raise TrainingError(f"non-finite weights after {where} in parameter {name!r} (a non-finite gradient, or a "
-                            f"learning rate far too large?); {kept}")
+    def _pending_losses(self) -> tuple[torch.Tensor | float, int]:
+        """The waiting training losses: their sum weighted by batch size, and their number of samples."""
+        if not self._losses:
+            return 0.0, 0
+        losses, sizes, _ = zip(*self._losses)
+        return torch.stack(losses).double() @ torch.tensor(sizes, dtype=torch.float64, device=self.device), sum(sizes)
 
-    def _check_point(self, totals: dict, force: bool = False) -> bool:
+    def _fold_losses(self) -> None:
+        """The NaN guard: add the waiting training losses to the epoch's sum and check that sum (one host
+        read). A non-finite loss stops the run, naming its step (under DDP at the ranks' next check point,
+        where every rank stops)."""
+        if not self._losses:
+            return
+        pending, n = self._pending_losses()
+        loss = self.train_metrics.loss
+        loss.total.add_(pending)
+        loss.count += n
+        if not math.isfinite(float(pending)):
+            step = next((step for loss, _, step in self._losses if not torch.isfinite(loss).all()), self.global_step)
+            if not self.dist.enabled:
+                self._raise_nonfinite(step)
+            if self._first_bad_loss is None:  # rank-local: every rank stops at the next check point
+                self._first_bad_loss = step
+        self._losses.clear()
+
+    def _check_point(self, force: bool = False) -> bool:
         """About every CHECK_SECONDS, before every checkpoint and at the end of an epoch: run the NaN guard
         (`_fold_losses`) and, under DDP, let all ranks learn in one small all-reduce whether any rank was
         signalled or saw a non-finite loss. Ranks reach it at the same steps: rank 0 picks the next one
@@ -232,7 +370,7 @@ class Trainer(BaseTrainer):
         stop = self.stop_signal is not None and self.stop_signal.signum is not None
         if not force and self.global_step < self._next_check:
             return stop and not self.dist.enabled
-        self._fold_losses(totals)
+        self._fold_losses()
         steps, started = self._checked_at
         elapsed, done = time.perf_counter() - started, self.global_step - steps
         interval = max(1, min(MAX_CHECK_STEPS, int(CHECK_SECONDS * done / elapsed))) if done and elapsed > 0 else 1
@@ -253,48 +391,60 @@ class Trainer(BaseTrainer):
         raise TrainingError(f"non-finite loss at step {step} (epoch {self.epoch}); checkpoints on disk are from "
                             f"before it")
 
+    def _diagnose_nonfinite(self, step: int, gradients: bool = True) -> None:
+        """Before a checkpoint: raise if the weights, buffers or optimizer state after step `step`, or (when
+        asked) its gradients, are not finite, so that such a state never replaces the last good checkpoint.
+        (A non-finite gradient with a finite loss shows here, or as the next steps' losses.)"""
+        model = unwrap_model(self.model)
+        params = dict(model.named_parameters())
+        names = {id(p): name for name, p in params.items()}
+        tensors = [(f"parameter {name!r}", p.detach()) for name, p in params.items()]
+        tensors += [(f"gradient of parameter {name!r}", p.grad) for name, p in params.items()
+                    if gradients and p.grad is not None]
+        tensors += [(f"buffer {name!r}", b) for name, b in model.state_dict(keep_vars=True).items()
+                    if name not in params and isinstance(b, torch.Tensor) and b.is_floating_point()
+                    and not any(fnmatch(name, pattern) for pattern in self.nonfinite_buffers_allowed)]
+        tensors += [(f"optimizer state {key!r} of parameter {names.get(id(p), '?')!r}", value)
+                    for p, state in self.optimizer.state.items() for key, value in state.items()
+                    if isinstance(value, torch.Tensor) and value.is_floating_point()]
+        tensors = [(what, t) for what, t in tensors if t.numel()]
+        if not tensors or torch.stack([torch.isfinite(t).all() for _, t in tensors]).all().item():  # one host sync
+            return
+        what = next(what for what, t in tensors if not torch.isfinite(t).all())
+        hint = "" if what.startswith("gradient") else " (a non-finite gradient, or a learning rate far too large?)"
+        hint += "; trainer.allow_nonfinite_buffers lets a buffer hold inf on purpose" if what.startswith("buffer") else ""
+        raise TrainingError(f"non-finite {what} after step {step} (epoch {self.epoch}){hint}; checkpoints on "
+                            f"disk are from before it")
+
     def checkpoint_state(self, epoch_finished: bool) -> dict:
         # All ranks are here (a collective call) and hold equally many waiting losses (equal batch counts):
         # after the loop's own check point before a save there are none, and nothing is done twice.
-        if self.epoch_totals is not None and self._losses:
+        if self.epoch_running and self._losses:
             if self.dist.enabled:
-                self._check_point(self.epoch_totals, force=True)
+                self._check_point(force=True)
             else:
-                self._fold_losses(self.epoch_totals)
-        # The per-step guard reads only the loss: a state with non-finite weights (or the gradients that
-        # made them) must never replace the last good checkpoint. (With fp16, GradScaler skips the steps
-        # whose gradients overflow: those gradients are not an error.)
+                self._fold_losses()
+        # The per-step guard reads only the loss. (With fp16, GradScaler skips the steps whose gradients
+        # overflow: those gradients are not an error.)
         self._diagnose_nonfinite(self.global_step, gradients=not self.scaler.is_enabled())
         return super().checkpoint_state(epoch_finished)
 
-    @torch.no_grad()
-    def _valid_epoch(self, epoch: int) -> dict:
-        model = unwrap_model(self.model)  # no DDP collectives: ranks may hold unequal numbers of batches
-        model.eval()
-        totals = self._new_totals()
-        progress = Progress(self.valid_data_loader, len(self.valid_data_loader), f"valid {epoch}",
-                            self.dist.is_main and self.verbosity > 0)
-        progress.postfix = lambda: self._averages(totals)
-        first = None
-        for data, target in progress:
-            data, target = data.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
-            with self.autocast:
-                output = model(data)
-                loss = self.criterion(output, target)
-            self._accumulate(totals, loss, output, target)
-            if first is None:
-                first = (data, target, output)
-        self._log_batch_views(epoch, "val", self.valid_data_loader, first)
-        return self._averages(totals, reduce=True)
+    def epoch_state(self) -> dict | None:
+        return self.train_metrics.state() if self.epoch_running else None
 
-    def _log_batch_views(self, epoch: int, split: str, loader, batch) -> None:
-        """Once per epoch, from a batch already computed (no extra forward pass or data loading): a grid of
-        inputs captioned with true and predicted labels; in the first epoch also the model graph."""
-        if batch is None or not self.writer.enabled:
-            return
-        data, target, output = batch
-        if self.images:
-            self.writer.add_sample_grid(f"samples/{split}", data, target, output, self.global_step,
-                                        classes=class_names(loader))
-        if epoch == 1:
-            self.writer.add_model_graph(unwrap_model(self.model), data[:2])
+
+class _InputCapture:
+    """Records the positional inputs of the model's first call (a forward pre-hook), for the graph."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.inputs = None
+        self.handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        if self.inputs is None and not kwargs and args:
+            self.inputs = tuple(head(arg, 2) for arg in args)
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
