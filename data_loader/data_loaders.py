@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 from base import BaseDataLoader
-from data_loader.datasets import DigitsDataset, ImageFileDataset, TorchvisionDataset
+from data_loader.collate import pad_tokens
+from data_loader.datasets import (DiabetesDataset, DigitsDataset, ImageFileDataset, ShapesDataset,
+                                  TokenSequenceDataset, TorchvisionDataset)
 
 
 class DigitsDataLoader(BaseDataLoader):
@@ -15,6 +17,44 @@ class DigitsDataLoader(BaseDataLoader):
                  num_workers: int = 0, training: bool = True, pin_memory: bool = False):
         self.dataset = DigitsDataset(train=training)
         super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers, pin_memory=pin_memory)
+
+
+class DiabetesDataLoader(BaseDataLoader):
+    """scikit-learn's diabetes regression data (standardised features and target); offline, in memory."""
+
+    def __init__(self, batch_size: int = 32, shuffle: bool = True, validation_split: float | int = 0.2,
+                 num_workers: int = 0, training: bool = True, pin_memory: bool = False):
+        self.dataset = DiabetesDataset(train=training)
+        super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers, pin_memory=pin_memory)
+
+
+class ShapesDataLoader(BaseDataLoader):
+    """Generated circle and square images with segmentation masks; batches are dicts {"image", "mask"}.
+
+    test.py (training=False) draws `n_test` images from the test split's seeds.
+    """
+
+    def __init__(self, batch_size: int = 16, n_samples: int = 400, n_test: int = 100, image_size: int = 32,
+                 max_shapes: int = 3, noise: float = 0.15, shuffle: bool = True,
+                 validation_split: float | int = 0.1, num_workers: int = 0, training: bool = True,
+                 pin_memory: bool = False):
+        self.dataset = ShapesDataset(n_samples if training else n_test, image_size, max_shapes, noise,
+                                     train=training)
+        super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers, pin_memory=pin_memory)
+
+
+class TokenSequenceDataLoader(BaseDataLoader):
+    """Generated variable-length token sequences, padded per batch by `pad_tokens` into dicts
+    {"tokens", "attention_mask", "label"}. test.py (training=False) draws `n_test` sequences."""
+
+    def __init__(self, batch_size: int = 64, n_samples: int = 2000, n_test: int = 500, vocab_size: int = 12,
+                 num_classes: int = 4, min_length: int = 5, max_length: int = 40, shuffle: bool = True,
+                 validation_split: float | int = 0.1, num_workers: int = 0, training: bool = True,
+                 pin_memory: bool = False):
+        self.dataset = TokenSequenceDataset(n_samples if training else n_test, vocab_size, num_classes, min_length,
+                                            max_length, train=training)
+        super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers, collate_fn=pad_tokens,
+                         pin_memory=pin_memory)
 
 
 class MnistDataLoader(BaseDataLoader):

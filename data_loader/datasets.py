@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
+from data_loader.sampler import mix_seed
 from errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -59,6 +60,133 @@ class DigitsDataset(Dataset):
             return [self[i] for i in indices]
         index = torch.as_tensor(indices)
         return StackedBatch((self.images[index], self.targets[index]))
+
+
+class DiabetesDataset(Dataset):
+    """scikit-learn's bundled diabetes data: 442 patients, 10 features, a disease-progression score
+    one year later (25..346). Regression; no download.
+
+    A fixed 88-patient test split (drawn with its own seed, whatever the run's seed) is held out.
+    Features and target are standardised with the mean and std of the other 354 patients (the
+    training part, validation split included), so train and test use the same statistics and the
+    test split leaks nothing into them. Targets have shape (1,) per sample, (N, 1) per batch, to
+    match a model with one output (mse_loss refuses mismatched shapes rather than broadcasting).
+    `target_mean` and `target_std` turn predictions back into the original score.
+    """
+
+    TEST_SIZE = 88
+
+    def __init__(self, train: bool = True):
+        from sklearn.datasets import load_diabetes  # imported here: scikit-learn takes ~1 s to import
+
+        features, target = load_diabetes(return_X_y=True, scaled=False)
+        features = torch.tensor(features, dtype=torch.float32)           # (442, 10)
+        target = torch.tensor(target, dtype=torch.float32).unsqueeze(1)  # (442, 1)
+        order = torch.randperm(len(target), generator=torch.Generator().manual_seed(20261126))
+        train_part, test_part = order[self.TEST_SIZE:], order[: self.TEST_SIZE]
+        mean, std = features[train_part].mean(0), features[train_part].std(0)
+        self.target_mean, self.target_std = target[train_part].mean().item(), target[train_part].std().item()
+        keep = train_part if train else test_part
+        self.features = (features[keep] - mean) / std
+        self.targets = (target[keep] - self.target_mean) / self.target_std
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return self.features[index], self.targets[index]
+
+
+class ShapesDataset(Dataset):
+    """Generated images of circles and squares on a noisy background, with their masks, for semantic
+    segmentation: each item is {"image": (1, H, W) float, "mask": (H, W) long}, mask classes
+    0 = background, 1 = circle, 2 = square.
+
+    Image i is drawn from its own seed, mix_seed(split, i): the same index always gives the same
+    image, whatever `n_samples`, and the train and test splits come from different seeds. All
+    images are drawn at construction (500 images of 32x32 take ~0.1 s and 2.5 MB).
+    """
+
+    CLASSES = ("background", "circle", "square")
+    SPLIT_SEEDS = {True: 0x5A9E, False: 0x7E57}  # train, test
+
+    def __init__(self, n_samples: int = 400, image_size: int = 32, max_shapes: int = 3, noise: float = 0.15,
+                 train: bool = True):
+        if n_samples < 1 or image_size < 16 or max_shapes < 1:
+            raise ValueError("ShapesDataset needs n_samples >= 1, image_size >= 16 and max_shapes >= 1")
+        drawn = [self._draw(mix_seed(self.SPLIT_SEEDS[train], i), image_size, max_shapes, noise)
+                 for i in range(n_samples)]
+        self.images = torch.stack([image for image, _ in drawn])  # (N, 1, H, W)
+        self.masks = torch.stack([mask for _, mask in drawn])     # (N, H, W)
+
+    @staticmethod
+    def _draw(seed: int, size: int, max_shapes: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+
+        def uniform(low: float, high: float) -> float:
+            return low + (high - low) * torch.rand((), generator=generator).item()
+
+        rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        image = torch.zeros(size, size)
+        mask = torch.zeros(size, size, dtype=torch.long)
+        n_shapes = int(torch.randint(1, max_shapes + 1, (), generator=generator))
+        for _ in range(n_shapes):  # later shapes are drawn over earlier ones
+            kind = int(torch.randint(1, 3, (), generator=generator))
+            half = uniform(size / 10, size / 5)  # radius, or half the side
+            centre_row, centre_col = uniform(half, size - 1 - half), uniform(half, size - 1 - half)
+            if kind == 1:
+                inside = (rows - centre_row) ** 2 + (cols - centre_col) ** 2 <= half ** 2
+            else:
+                inside = ((rows - centre_row).abs() <= half) & ((cols - centre_col).abs() <= half)
+            image[inside] = uniform(0.5, 1.0)
+            mask[inside] = kind
+        image += noise * torch.randn(size, size, generator=generator)
+        return image.unsqueeze(0), mask
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[index], "mask": self.masks[index]}
+
+
+class TokenSequenceDataset(Dataset):
+    """Generated token sequences of varying length, for classification: which of the tokens
+    1..num_classes occurs most often? Tokens are drawn uniformly from 1..vocab_size (0 is kept for
+    padding); sequences whose count of tokens 1..num_classes has no unique maximum are redrawn.
+    Each item is {"tokens": (L,) long, "label": () long} with L in [min_length, max_length];
+    `pad_tokens` (data_loader/collate.py) pads a batch of them.
+
+    Sequence i is drawn from its own seed, mix_seed(split, i), as in ShapesDataset.
+    """
+
+    SPLIT_SEEDS = {True: 0x5E9, False: 0x7E5}  # train, test
+
+    def __init__(self, n_samples: int = 2000, vocab_size: int = 12, num_classes: int = 4, min_length: int = 5,
+                 max_length: int = 40, train: bool = True):
+        if not 2 <= num_classes <= vocab_size or not 1 <= min_length <= max_length:
+            raise ValueError("TokenSequenceDataset needs 2 <= num_classes <= vocab_size and "
+                             "1 <= min_length <= max_length")
+        self.vocab_size, self.num_classes = vocab_size, num_classes
+        self.sequences: list[torch.Tensor] = []
+        labels = []
+        for i in range(n_samples):
+            generator = torch.Generator().manual_seed(mix_seed(self.SPLIT_SEEDS[train], i))
+            while True:
+                length = int(torch.randint(min_length, max_length + 1, (), generator=generator))
+                tokens = torch.randint(1, vocab_size + 1, (length,), generator=generator)
+                counts = torch.bincount(tokens, minlength=vocab_size + 1)[1: num_classes + 1]
+                if (counts == counts.max()).sum() == 1:
+                    break
+            self.sequences.append(tokens)
+            labels.append(int(counts.argmax()))
+        self.labels = torch.tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"tokens": self.sequences[index], "label": self.labels[index]}
 
 
 class TorchvisionDataset(Dataset):

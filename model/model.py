@@ -83,3 +83,57 @@ class MLP(BaseModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Two 3x3 convolutions that keep the spatial size (a function, not a class: every nn.Module class
+    in model/ can be named in `arch.type`, and a block alone is no model)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(),
+    )
+
+
+class UNet(BaseModel):
+    """A small U-Net for semantic segmentation: two downsamplings, two upsamplings, skip connections.
+
+    (B, in_channels, H, W) -> per-pixel logits (B, num_classes, H, W); H and W divisible by 4.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 3, channels: int = 8):
+        super().__init__()
+        c = channels
+        self.down1 = _conv_block(in_channels, c)
+        self.down2 = _conv_block(c, 2 * c)
+        self.bottom = _conv_block(2 * c, 4 * c)
+        self.up2 = nn.ConvTranspose2d(4 * c, 2 * c, 2, stride=2)
+        self.dec2 = _conv_block(4 * c, 2 * c)  # upsampled + skip from down2
+        self.up1 = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
+        self.dec1 = _conv_block(2 * c, c)  # upsampled + skip from down1
+        self.head = nn.Conv2d(c, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W)
+        skip1 = self.down1(x)                          # (B, c, H, W)
+        skip2 = self.down2(F.max_pool2d(skip1, 2))     # (B, 2c, H/2, W/2)
+        x = self.bottom(F.max_pool2d(skip2, 2))        # (B, 4c, H/4, W/4)
+        x = self.dec2(torch.cat([self.up2(x), skip2], dim=1))  # (B, 2c, H/2, W/2)
+        x = self.dec1(torch.cat([self.up1(x), skip1], dim=1))  # (B, c, H, W)
+        return self.head(x)
+
+
+class SequenceClassifier(BaseModel):
+    """Token embeddings, averaged over the real (unpadded) positions, then an MLP: logits out.
+
+    A model with two inputs: forward(tokens (B, L) long, attention_mask (B, L) bool, True at real tokens).
+    """
+
+    def __init__(self, vocab_size: int = 12, num_classes: int = 4, embedding_dim: int = 32, hidden: int = 64):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size + 1, embedding_dim, padding_idx=0)  # token 0 is padding
+        self.classifier = nn.Sequential(nn.Linear(embedding_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        weights = attention_mask.unsqueeze(-1).to(self.embedding.weight.dtype)  # (B, L, 1)
+        summed = (self.embedding(tokens) * weights).sum(dim=1)               # (B, D)
+        pooled = summed / weights.sum(dim=1).clamp(min=1.0)                   # mean over real tokens
+        return self.classifier(pooled)
