@@ -30,7 +30,7 @@ def map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 
 def _rebuild(cls: type, items, fallback: type):
     try:
-        return items if cls is fallback else cls(items)
+        return fallback(items) if cls is fallback else cls(items)
     except TypeError:  # a subclass with another constructor (defaultdict): the plain container
         return fallback(items)
 

@@ -398,23 +398,27 @@ class Trainer(BaseTrainer):
         model = unwrap_model(self.model)
         params = dict(model.named_parameters())
         names = {id(p): name for name, p in params.items()}
-        tensors = [(f"parameter {name!r}", p.detach()) for name, p in params.items()]
-        tensors += [(f"gradient of parameter {name!r}", p.grad) for name, p in params.items()
+        where = f"step {step} (epoch {self.epoch})"
+        tensors = [(f"weights after {where} in parameter {name!r}", p.detach()) for name, p in params.items()]
+        tensors += [(f"gradient at {where} in parameter {name!r}", p.grad) for name, p in params.items()
                     if gradients and p.grad is not None]
-        tensors += [(f"buffer {name!r}", b) for name, b in model.state_dict(keep_vars=True).items()
+        tensors += [(f"buffer {name!r} after {where}", b) for name, b in model.state_dict(keep_vars=True).items()
                     if name not in params and isinstance(b, torch.Tensor) and b.is_floating_point()
                     and not any(fnmatch(name, pattern) for pattern in self.nonfinite_buffers_allowed)]
-        tensors += [(f"optimizer state {key!r} of parameter {names.get(id(p), '?')!r}", value)
+        tensors += [(f"optimizer state {key!r} of parameter {names.get(id(p), '?')!r} after {where}", value)
                     for p, state in self.optimizer.state.items() for key, value in state.items()
                     if isinstance(value, torch.Tensor) and value.is_floating_point()]
         tensors = [(what, t) for what, t in tensors if t.numel()]
         if not tensors or torch.stack([torch.isfinite(t).all() for _, t in tensors]).all().item():  # one host sync
             return
-        what = next(what for what, t in tensors if not torch.isfinite(t).all())
-        hint = "" if what.startswith("gradient") else " (a non-finite gradient, or a learning rate far too large?)"
-        hint += "; trainer.allow_nonfinite_buffers lets a buffer hold inf on purpose" if what.startswith("buffer") else ""
-        raise TrainingError(f"non-finite {what} after step {step} (epoch {self.epoch}){hint}; checkpoints on "
-                            f"disk are from before it")
+        # Gradients first: a non-finite gradient is the cause of the non-finite weights and state after it.
+        bad = [what for what, t in tensors if not torch.isfinite(t).all()]
+        what = next((w for w in bad if w.startswith("gradient")), bad[0])
+        hint = {"weights": " (a non-finite gradient, or a learning rate far too large?)",
+                "buffer": " (trainer.allow_nonfinite_buffers lets a buffer hold inf or NaN on purpose)",
+                "optimizer": " (gradients too large for the optimizer's statistics: clip them, or lower the lr?)"}
+        raise TrainingError(f"non-finite {what}{hint.get(what.split()[0], '')}; checkpoints on disk are from "
+                            f"before it")
 
     def checkpoint_state(self, epoch_finished: bool) -> dict:
         # All ranks are here (a collective call) and hold equally many waiting losses (equal batch counts):
