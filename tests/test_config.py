@@ -298,7 +298,7 @@ def test_bad_command_line_options(tmp_path, monkeypatch, capsys):
 def test_print_config_shows_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch, capsys):
     path = write_config(tmp_path, BASE)
     code, out, err = run_main(tmp_path, monkeypatch, capsys, "-c", str(path), "--print-config", "--lr", "0.01",
-                              "--bs", "16", "trainer.epochs=3", "metrics.1=accuracy", "trainer.keep_last=2",
+                              "--bs", "16", "trainer.epochs=3", "metrics.1={type: MulticlassF1Score, args: {num_classes: 10}}", "trainer.keep_last=2",
                               "lr_scheduler.interval=step", "trainer.monitor=min   val_loss")
     assert code == 0, err
     resolved = yaml.safe_load(out)
@@ -306,7 +306,7 @@ def test_print_config_shows_the_resolved_config_and_writes_nothing(tmp_path, mon
     assert resolved["data_loader"]["args"]["batch_size"] == 16
     assert resolved["trainer"]["epochs"] == 3 and resolved["trainer"]["keep_last"] == 2
     assert resolved["trainer"]["monitor"] == "min val_loss"
-    assert resolved["metrics"] == ["accuracy", "accuracy"]
+    assert resolved["metrics"] == ["accuracy", {"type": "MulticlassF1Score", "args": {"num_classes": 10}}]
     assert resolved["lr_scheduler"]["interval"] == "step"
     assert resolved["trainer"]["log_every_steps"] == SCHEMA["trainer"].keys["log_every_steps"].default  # defaults
     assert resolved["trainer"]["save_dir"] == str(tmp_path / "saved")
@@ -323,7 +323,7 @@ def test_dry_run_builds_everything_runs_one_batch_and_writes_nothing(tmp_path, m
                               "--bs", "8")
     assert code == 0, err
     assert "DigitsCNN" in out and "trainable parameters: " in out  # the model summary
-    assert "one batch: input (8, 1, 8, 8)" in out and "backward ok" in out
+    assert "one batch: tuple((8, 1, 8, 8) float32, (8,) int64)" in out and "backward ok, metrics ok" in out
     assert f"run directory (not created): {tmp_path / 'saved' / 'digits' / 'trial'}" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
@@ -331,7 +331,7 @@ def test_dry_run_builds_everything_runs_one_batch_and_writes_nothing(tmp_path, m
 def test_dry_run_reports_a_model_that_does_not_fit_the_data(tmp_path, monkeypatch, capsys):
     path = write_config(tmp_path, mutate(BASE, "arch.args.image_size", 4))  # the data is 8x8
     code, _, err = run_main(tmp_path, monkeypatch, capsys, "-c", str(path), "--dry-run")
-    assert_refused(tmp_path, code, err, "--dry-run: one batch forward/backward failed: RuntimeError")
+    assert_refused(tmp_path, code, err, "through Trainer.step, backward and the metrics failed: RuntimeError")
     path = write_config(tmp_path, mutate(BASE, "arch.args.num_classes", -3))  # refused by the constructor
     code, _, err = run_main(tmp_path, monkeypatch, capsys, "-c", str(path), "--dry-run")
     assert_refused(tmp_path, code, err, "arch: DigitsCNN: ", "negative dimension")

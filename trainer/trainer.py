@@ -22,7 +22,7 @@ import torch
 from base import BaseTrainer
 from checkpoint import unwrap_model
 from errors import ConfigError, Interrupted, TrainingError
-from logger import Progress
+from logger import Progress, get_logger
 from logger.views import SampleViews
 from runtime.batch import batch_size, describe, head, to_device
 from runtime.distributed import all_reduce
@@ -445,8 +445,11 @@ class _InputCapture:
         self.handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _record(self, module, args, kwargs):
-        if self.inputs is None and not kwargs and args:
-            self.inputs = tuple(head(arg, 2) for arg in args)
+        if self.inputs is None and self.handle is not None:
+            if kwargs or not args:  # torch.jit.trace, under add_graph, takes positional inputs only
+                get_logger().info("TensorBoard graph skipped: the model is called with keyword arguments")
+            else:
+                self.inputs = tuple(head(arg, 2) for arg in args)
 
     def remove(self) -> None:
         if self.handle is not None:
