@@ -403,3 +403,60 @@ def test_a_non_finite_buffer_or_optimizer_state_never_reaches_a_checkpoint(tmp_p
     with pytest.raises(TrainingError, match="non-finite optimizer state 'exp_avg_sq'"):
         trainer.train()
     assert not (run_dir / "checkpoints" / "last.pth").exists()
+
+
+# ---- sample views by task -----------------------------------------------------------------------------
+
+def test_views_follow_the_task_and_spread_over_the_split(caplog):
+    from logger.views import SampleViews
+
+    # A split sorted by class (a folder dataset): 3 classes of 40; the first 16 would show only class 0.
+    target = torch.arange(3).repeat_interleave(40)
+    images = torch.rand(120, 1, 8, 8)
+    views = SampleViews(120)
+    assert len(views.wanted) == 16 and views.wanted[0] == 0 and views.wanted[-1] == 119
+    for start in range(0, 120, 32):
+        views.collect(images[start:start + 32], target[start:start + 32], F.one_hot(target[start:start + 32], 3) * 5.0)
+    shown = torch.cat([row[1] for row in views.rows])
+    assert set(shown.tolist()) == {0, 1, 2} and torch.equal(shown, target[views.wanted])
+    picture, kind = views.picture()
+    assert kind == "classification" and picture.dtype == torch.uint8 and picture.shape[2] == 3
+
+    segmentation = SampleViews(10)
+    masks = torch.randint(0, 3, (10, 8, 8))
+    segmentation.collect(torch.rand(10, 1, 8, 8), masks, F.one_hot(masks, 3).permute(0, 3, 1, 2).float())
+    picture, kind = segmentation.picture()
+    assert kind == "segmentation" and picture.shape[1] == 3 * 96 + 2 * 4  # image | true | predicted
+    regression = SampleViews(50)
+    regression.collect(torch.rand(50, 6), torch.randn(50, 1), torch.randn(50, 1))
+    picture, kind = regression.picture()
+    assert kind == "regression" and picture.shape[:2] == (256 + 14, 256)
+
+    tokens = SampleViews(8)
+    tokens.collect(torch.randint(0, 9, (8, 5)), torch.randint(0, 2, (8,)), torch.randn(8, 2))
+    assert tokens.picture() == (None, "classification of inputs that are not images (shape (8, 5))")
+    other = SampleViews(8)
+    other.collect(torch.rand(8, 3), torch.rand(8, 4), torch.rand(8, 4, 2))
+    assert other.picture()[0] is None and "fit no view" in other.picture()[1]
+
+    from logger import NullWriter
+    from logger.logging import NAME
+
+    with caplog.at_level("INFO", logger=NAME):
+        other.draw(NullWriter(), "samples/test-none", 1)
+        other.draw(NullWriter(), "samples/test-none", 2)
+    lines = [r.message for r in caplog.records if "samples/test-none" in r.message]
+    assert len(lines) == 1 and "no sample view" in lines[0]  # one line, not one per epoch
+
+
+def test_a_regression_run_shows_predicted_against_true_in_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc = run_script("train.py", "-c", str(ROOT / "configs" / "diabetes_regression.yaml"), "trainer.epochs=2",
+                      f"trainer.save_dir={tmp_path}", "--run-id", "r")
+    assert proc.returncode == 0, proc.stderr
+    events = EventAccumulator(str(tmp_path / "diabetes_regression" / "r"), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("samples/val")
+    assert len(images) == 2 and images[0].width == 256
+    assert {"r2_score/val", "mean_absolute_error/val", "r2_score/train"} <= set(events.Tags()["scalars"])

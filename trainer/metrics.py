@@ -97,13 +97,10 @@ class EpochMetrics:
         values = torch.stack([mean.total for _, mean in means]).tolist()
         return {name: value / max(mean.count, 1) for (name, mean), value in zip(means, values)}
 
-    def compute(self, distributed: bool = False, loss: tuple[torch.Tensor, int] | None = None) -> dict[str, float]:
-        """{"loss": ..., name: ...} over the epoch and, when `distributed`, over all processes. `loss`: a
-        (sum, count) to use instead of this object's own (training keeps its loss sums elsewhere)."""
-        loss_total, loss_count = loss if loss is not None else (self.loss.total, self.loss.count)
-        sums = torch.stack([torch.as_tensor(loss_total, dtype=torch.float64, device=self.device)]
-                           + [mean.total for _, _, mean in self.functions])
-        counts = torch.tensor([loss_count] + [mean.count for _, _, mean in self.functions],
+    def compute(self, distributed: bool = False) -> dict[str, float]:
+        """{"loss": ..., name: ...} over the epoch and, when `distributed`, over all processes."""
+        sums = torch.stack([self.loss.total] + [mean.total for _, _, mean in self.functions])
+        counts = torch.tensor([self.loss.count] + [mean.count for _, _, mean in self.functions],
                               dtype=torch.float64, device=self.device)
         if distributed:
             sums, counts = all_reduce(torch.cat([sums, counts])).split(len(counts))
@@ -111,7 +108,7 @@ class EpochMetrics:
         result = dict(zip(["loss"] + [name for name, _, _ in self.functions], values))
         for name, metric in self.objects:
             # torchmetrics gathers the states of every process itself (when a process group exists).
-            metric.sync_on_compute = distributed
+            metric._to_sync = metric.sync_on_compute = distributed
             result[name] = _as_float(metric.compute(), name)
         return {name: result[name] for name in ["loss"] + self.order}
 

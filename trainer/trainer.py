@@ -161,20 +161,20 @@ class Trainer(BaseTrainer):
         batch_idx = self.batch_in_epoch
         self._losses.append((loss.detach(), n, self.global_step + 1))
         if self.train_metrics.enabled and batch_idx % self._metric_every == 0:
-            self._update_metrics(self.train_metrics, out, n)
+            self._update_train_metrics(out, n)
         self._real_left -= n
         self.batch_in_epoch = batch_idx + 1
         self.samples_in_epoch += n * self.dist.world_size
         self._last_out = (out, batch)
 
-    def _update_metrics(self, metrics: EpochMetrics, out: dict, n: int) -> None:
-        real = min(n, self._real_left) if metrics is self.train_metrics else n
+    def _update_train_metrics(self, out: dict, n: int) -> None:
+        real = min(n, self._real_left)
         if real <= 0:
             return
         output, target = out.get("output"), out.get("target")
         if real < n:  # the tail of the last batch repeats samples (DDP padding)
             output, target = head(output, real), head(target, real)
-        metrics.update(output, target, real)
+        self.train_metrics.update(output, target, real)
 
     def _after_optimizer_step(self, epoch: int, loss: torch.Tensor, total: int) -> None:
         """Hooks, step logging, the check point (NaN guard, signals), mid-epoch checkpoints."""
@@ -207,8 +207,7 @@ class Trainer(BaseTrainer):
             views.collect(*self._view_parts(out, batch))
             views.draw(self.writer, "samples/train", self.global_step, self.data_loader)
         self._last_out = None
-        result = self.train_metrics.compute(self.dist.enabled, loss=(self.train_metrics.loss.total,
-                                                                    self.train_metrics.loss.count))
+        result = self.train_metrics.compute(self.dist.enabled)
         self.epoch_running = False
         return result
 
