@@ -26,6 +26,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
 def resolve_config(raw, overrides: list[str] = (), source: str = "config") -> dict:
     """A config file's or a checkpoint's stored config with overrides applied, validated."""
     raw = plain_tree(raw, source)  # first: every walk below assumes a small tree (no aliases, no deep nesting)
+    if raw is None:  # a checkpoint written by another tool
+        raise ConfigError(f"{source}: missing; pass a config with -c CONFIG")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level of a config must be a mapping, not {type(raw).__name__}")
     return check_config(apply_overrides(raw, list(overrides), known=is_known_path), source)

@@ -147,7 +147,10 @@ def locate_resume(target: str) -> tuple[Path, Path | None]:
 
 
 def config_changes(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(key path, old, new) for every leaf that differs between two configs."""
+    """(key path, old, new) for every leaf that differs between two configs.
+
+    Both must be trees (config.files.plain_tree): a stored config with shared lists would make this
+    walk exponential."""
     if isinstance(old, dict) and isinstance(new, dict):
         changes = []
         for key in dict.fromkeys([*old, *new]):

@@ -194,8 +194,8 @@ def test_resume_while_the_run_trains_is_refused(tmp_path):
             assert first.poll() is None and time.monotonic() < deadline, out.read_text()
             time.sleep(0.1)
         second = run_script("train.py", "-r", str(run_dir), cwd=tmp_path, timeout=120)
-        assert first.poll() is None, "the first run ended before the second was refused: lengthen it"
         one_error_line(second, f"run directory {run_dir} is in use by process {first.pid}")
+        assert first.poll() is None, "the first run ended before the second was refused: lengthen it"
         assert first.wait(timeout=300) == 0, out.read_text()[-3000:]
     finally:
         if first.poll() is None:
@@ -258,3 +258,12 @@ def test_multi_line_messages_are_one_line(script, tmp_path):
     missing = tmp_path / "two\nlines.pth"
     proc = run_script(script, "-r", str(missing), cwd=tmp_path, timeout=60)
     one_error_line(proc, "two lines.pth")
+
+
+@pytest.mark.parametrize("script", ["train.py", "test.py"])
+def test_checkpoint_without_a_config_is_one_line(script, trained, tmp_path):
+    state = torch.load(trained / "checkpoints" / "last.pth", weights_only=True)
+    del state["config"]
+    path = tmp_path / "foreign.pth"
+    torch.save(state, path)
+    one_error_line(run_script(script, "-r", str(path), cwd=tmp_path, timeout=60), "(config): missing; pass a config")
