@@ -183,10 +183,10 @@ def test_resume_while_the_run_trains_is_refused(tmp_path):
     save_dir = tmp_path / "saved"
     run_dir = save_dir / "digits" / "busy"
     out = tmp_path / "first.txt"
-    with open(out, "w") as handle:
+    with open(out, "w") as handle:  # far more epochs than the test waits for: stopped by SIGTERM below
         first = subprocess.Popen(
             [PYTHON, str(ROOT / "train.py"), "-c", CONFIG, "--run-id", "busy", f"trainer.save_dir={save_dir}",
-             "trainer.epochs=80", "trainer.save_every_steps=5", "trainer.early_stop=0", *QUICK],
+             "trainer.epochs=100000", "trainer.save_every_steps=5", "trainer.early_stop=0", *QUICK],
             cwd=tmp_path, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 120
@@ -195,8 +195,9 @@ def test_resume_while_the_run_trains_is_refused(tmp_path):
             time.sleep(0.1)
         second = run_script("train.py", "-r", str(run_dir), cwd=tmp_path, timeout=120)
         one_error_line(second, f"run directory {run_dir} is in use by process {first.pid}")
-        assert first.poll() is None, "the first run ended before the second was refused: lengthen it"
-        assert first.wait(timeout=300) == 0, out.read_text()[-3000:]
+        assert first.poll() is None, out.read_text()[-3000:]
+        first.send_signal(signal.SIGTERM)  # the first ends as a stopped run does: checkpoint saved, 143
+        assert first.wait(timeout=120) == 128 + signal.SIGTERM, out.read_text()[-3000:]
     finally:
         if first.poll() is None:
             first.kill()
@@ -204,7 +205,7 @@ def test_resume_while_the_run_trains_is_refused(tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "resuming" not in log and log.count("run directory: ") == 1
     assert not list((run_dir / "checkpoints").glob("*.tmp-*"))
-    assert torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)["epoch"] == 80
+    torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)
 
 
 # ---- item 9: num_workers -------------------------------------------------------------------------
