@@ -32,3 +32,19 @@ class Interrupted(Exception):
         self.signum = signum
         self.exit_code = 128 + signum
         super().__init__(message)
+
+
+def one_line(message: str) -> str:
+    """One line per problem, even when a library's message spans several. An error re-raised from a
+    DataLoader worker carries the worker's traceback: keep only the original message, its last line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if "Original Traceback" in message and lines:
+        name, _, text = lines[-1].partition(": ")
+        return text if text and name.rsplit(".", 1)[-1].endswith("Error") else lines[-1]
+    return " ".join(lines)
+
+
+def problem_lines(exc: Exception) -> list[str]:
+    """What train.py and test.py print for an error, one line per problem."""
+    problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+    return [one_line(str(problem)) for problem in problems]

@@ -6,10 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from config import check_config, load_config
-from config.files import apply_overrides
-from config.schema import is_known_path
-from errors import ConfigError
+from config import load_config, resolve_config
+from config.files import plain_tree
+from errors import ConfigError, UserError
+
+# What a checkpoint's state belongs to: changing it on resume cannot carry the state over (an Adam
+# checkpoint holds no SGD momentum, a scheduler's state is its own class's attributes).
+FIXED_ON_RESUME = ("arch", "data_loader", "optimizer", "lr_scheduler")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -37,13 +40,38 @@ def _resolve_config(args: argparse.Namespace):
         path, state, notes = find_resume_checkpoint(target)
     else:
         path, state = target, load_checkpoint(target)
-    if args.config:
-        config = load_config(args.config, overrides)
-    else:
-        config = check_config(apply_overrides(state["config"], overrides, known=is_known_path),
-                              source=f"{path} (config)")
+    source = f"{path} (config)"
+    config = load_config(args.config, overrides) if args.config else resolve_config(state.get("config"), overrides, source)
+    saved = plain_tree(state.get("config"), source)  # a tree: walks of pickle's shared lists stay linear
+    saved = saved if isinstance(saved, dict) else None
+    if saved is not None:
+        _refuse_type_changes(saved, config, path)
     suffix = ".json" if run_dir is not None and (run_dir / "config.json").exists() else ".yaml"
-    return config, {"state": state, "path": path, "notes": notes}, run_dir, suffix
+    return config, {"state": state, "path": path, "notes": notes, "saved": saved}, run_dir, suffix
+
+
+def _kind(section: str, spec) -> str:
+    """What a section builds: its type, with nested schedulers ("SequentialLR(LinearLR, StepLR)")."""
+    if not isinstance(spec, dict):
+        return "none"
+    inner = spec.get("args", {}).get("schedulers") if isinstance(spec.get("args"), dict) else None
+    if section == "lr_scheduler" and isinstance(inner, list):
+        return f"{spec.get('type')}({', '.join(_kind(section, item) for item in inner)})"
+    return str(spec.get("type"))
+
+
+def _refuse_type_changes(saved: dict, config: dict, path: Path) -> None:
+    problems = []
+    for section in FIXED_ON_RESUME:
+        old, new = _kind(section, saved.get(section)), _kind(section, config.get(section))
+        if old != new:
+            where = section if section == "lr_scheduler" else f"{section}.type"
+            instead = "start a new run with -c CONFIG" if section == "arch" else \
+                f"start a new run from its weights: python train.py -c CONFIG arch.pretrained={path}"
+            problems.append(f"{where}: {old} -> {new} cannot be resumed ({path} holds the state of {old}); "
+                            f"{instead}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def train_run(args: argparse.Namespace) -> int:
@@ -66,7 +94,7 @@ def train_run(args: argparse.Namespace) -> int:
     from runtime.device import check_amp, resolve_device
     from runtime.distributed import (barrier, broadcast_object, check_sync_batchnorm, distributed_context,
                                      init_process_group, shutdown, wrap_model)
-    from runtime.run_dir import create_run_dir, write_config
+    from runtime.run_dir import RunLock, create_run_dir, write_config
     from runtime.seeding import seed_everything
     from runtime.signals import StopSignal
     from trainer.callbacks import build_callbacks
@@ -77,6 +105,7 @@ def train_run(args: argparse.Namespace) -> int:
     check_amp(cfg["amp"], device)
     check_sync_batchnorm(cfg["sync_batchnorm"], device, dist)
     init_process_group(dist, cfg["ddp_backend"], device)
+    lock = None
     try:
         seed_everything(config["seed"], cfg["deterministic"])
         model = build_model(config)
@@ -92,10 +121,24 @@ def train_run(args: argparse.Namespace) -> int:
             return _dry_run(trainer, config, args, run_dir)
 
         # ---- side effects start here ----
-        if run_dir is None:
-            run_dir = create_run_dir(config, args.run_id) if dist.is_main else None
-            run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
+        # The lock comes first: a second train.py on this run directory must not sweep the other's
+        # temporaries nor write anything. Every rank learns the outcome (no rank waits for a dead one).
+        problem, reused = None, False
+        if dist.is_main:
+            try:
+                if run_dir is None:
+                    run_dir, lock, reused = create_run_dir(config, args.run_id)
+                else:
+                    lock = RunLock(run_dir)
+            except UserError as exc:
+                problem = str(exc)
+        run_dir, problem, reused = broadcast_object((run_dir and str(run_dir), problem, reused))
+        if problem:
+            raise UserError(problem)
+        run_dir = Path(run_dir)
         logger = setup_logging(run_dir, cfg["verbosity"], dist.is_main)
+        if reused:
+            logger.info(f"starting {run_dir} afresh: an earlier start stopped before its first checkpoint")
         if dist.is_main:
             for temp in sweep_temporaries(run_dir / "checkpoints"):
                 logger.info(f"removed {temp.name} left by an interrupted save")
@@ -115,7 +158,8 @@ def train_run(args: argparse.Namespace) -> int:
             from data_loader.sampler import mix_seed
 
             torch.manual_seed(mix_seed(config["seed"], dist.rank))
-        purge = resume["state"]["global_step"] + 1 if resume else None
+        # A fresh start in a reused directory purges the curves of the start that left no checkpoint.
+        purge = resume["state"]["global_step"] + 1 if resume else 0 if reused else None
         writer = make_writer(run_dir, cfg["tensorboard"] and dist.is_main, purge_step=purge)
         if not resume:  # once per run, at step 0 (never purged): hyperparameters and config for TensorBoard
             writer.add_run_start(config)
@@ -128,7 +172,8 @@ def train_run(args: argparse.Namespace) -> int:
                 logger.warning(f"skipped {note}")
             logger.info(f"resuming from {resume['path']}")
             trainer.resume(resume["state"])
-            _apply_resume_overrides(resume["state"]["config"], config, optimizer, lr_scheduler, logger)
+            if resume["saved"] is not None:
+                _apply_resume_overrides(resume["saved"], config, optimizer, lr_scheduler, logger)
         try:
             result = trainer.train()
         finally:
@@ -141,6 +186,8 @@ def train_run(args: argparse.Namespace) -> int:
             barrier()
         return 0
     finally:
+        if lock is not None:
+            lock.release()
         shutdown()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from errors import ConfigError, UserError
+from errors import UserError, problem_lines
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -25,9 +25,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     from pathlib import Path
 
     from checkpoint import load_checkpoint, load_model_state
-    from config import check_config, load_config
-    from config.files import apply_overrides
-    from config.schema import is_known_path
+    from config import load_config, resolve_config
 
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
     path = Path(args.resume)
@@ -38,7 +36,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     if args.config:
         config = load_config(args.config, overrides)
     else:
-        config = check_config(apply_overrides(state["config"], overrides, known=is_known_path), f"{path} (config)")
+        config = resolve_config(state.get("config"), overrides, f"{path} (config)")
 
     from config.build import build_loss, build_metrics, build_model, build_test_loader, trainer_class
     from runtime.device import resolve_device
@@ -60,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = evaluate(args)
     except UserError as exc:
-        for line in exc.problems if isinstance(exc, ConfigError) else [str(exc)]:
+        for line in problem_lines(exc):
             print(f"error: {line}", file=sys.stderr)
         return exc.exit_code
     for name, value in results.items():

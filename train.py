@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from errors import ConfigError, Interrupted, TrainingError, UserError
+from errors import Interrupted, TrainingError, UserError, problem_lines
 
 EPILOG = """overrides: key.path=value after the options, e.g. trainer.epochs=3 optimizer.args.lr=0.01
 (values use YAML scalar rules; list items by index: metrics.0=accuracy).
@@ -34,29 +34,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def one_line(message: str) -> str:
-    """One line per problem, even when a library's message spans several. An error re-raised from a
-    DataLoader worker carries the worker's traceback: keep only the original message, its last line."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    if "Original Traceback" in message and lines:
-        name, _, text = lines[-1].partition(": ")
-        return text if text and name.rsplit(".", 1)[-1].endswith("Error") else lines[-1]
-    return " ".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         from run import train_run
 
         return train_run(args)
-    except UserError as exc:
-        lines = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
-        for line in lines:
-            print("error: " + one_line(str(line)), file=sys.stderr)
-        return exc.exit_code
-    except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (UserError, TrainingError) as exc:
+        for line in problem_lines(exc):
+            print(f"error: {line}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
         print(str(exc), file=sys.stderr)

@@ -6,26 +6,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config.files import apply_overrides, plain_problems, read_config_file
+from config.files import apply_overrides, plain_problems, plain_tree, read_config_file
 from config.registry import check_args, default_of, resolve
 from config.schema import is_known_path, metric_spec, short, validate
 from errors import ConfigError
 
-__all__ = ["load_config", "check_config", "metric_names"]
+__all__ = ["load_config", "resolve_config", "check_config", "metric_names"]
 
 NESTED_SCHEDULERS = ("SequentialLR", "ChainedScheduler")
+# Set by config.build for torchvision models (weights=None), or a download torchvision would try.
+TORCHVISION_BUILDER_ARGS = {"weights", "weights_backbone"}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
     """Read `path`, apply `key.path=value` overrides, validate; raise ConfigError listing every problem."""
-    raw = read_config_file(path)
-    raw = apply_overrides(raw, list(overrides), known=is_known_path)
-    return check_config(raw, source=str(path))
+    return resolve_config(read_config_file(path), overrides, str(path))
+
+
+def resolve_config(raw, overrides: list[str] = (), source: str = "config") -> dict:
+    """A config file's or a checkpoint's stored config with overrides applied, validated."""
+    raw = plain_tree(raw, source)  # first: every walk below assumes a small tree (no aliases, no deep nesting)
+    if raw is None:  # a checkpoint written by another tool
+        raise ConfigError(f"{source}: missing; pass a config with -c CONFIG")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level of a config must be a mapping, not {type(raw).__name__}")
+    return check_config(apply_overrides(raw, list(overrides), known=is_known_path), source)
 
 
 def check_config(raw: dict, source: str = "config") -> dict:
+    raw = plain_tree(raw, source)
     problems = plain_problems(raw)
-    if problems:  # sets, NaN or cycles would break the checks below; report them alone
+    if problems:  # sets or NaN would break the checks below; report them alone
         raise ConfigError([f"{source}: {p}" for p in problems])
     config = validate(raw, problems)
     _check_types(config, problems)
@@ -45,6 +56,11 @@ def _check_typed(config: dict, section: str, problems: list[str], injected: tupl
         problems.append(problem)
         return None
     if isinstance(target, str):  # a torchvision model: its **kwargs go to the model class
+        args = spec.get("args") if isinstance(spec.get("args"), dict) else {}
+        for key in TORCHVISION_BUILDER_ARGS & set(args):
+            problems.append(f"{where}.args.{key}: not allowed: {spec['type']} is built with weights=None "
+                            f"(nothing is downloaded); to start from trained weights set arch.pretrained "
+                            f"to a checkpoint of this project")
         return target
     if isinstance(spec.get("args"), dict):
         spec["args"], found = check_args(target, spec["args"], f"{where}.args", injected, skip_positional)

@@ -52,18 +52,69 @@ _StrictYamlLoader.add_constructor(
 _StrictYamlLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
 
 
-def plain_problems(data: Any, where: str = "", _path: tuple = ()) -> list[str]:
-    """Problems that keep `data` from being plain config data: strings, finite numbers, booleans,
-    null, lists and string-keyed mappings, without cycles (YAML anchors can build them).
+# Bounds on the tree a config expands to. A real config has a few hundred values a few levels deep;
+# YAML aliases (and pickle's memo in a checkpoint's stored config) share one object under many keys,
+# so 1 KB of aliases nested in aliases stands for 10^9 values, and 500 nested brackets would exhaust
+# Python's recursion limit in every walk below.
+MAX_DEPTH = 100
+MAX_VALUES = 100_000
+
+
+def plain_tree(data: Any, source: str = "config") -> Any:
+    """A copy of `data` in which no list or mapping appears twice: a tree every later walk can take.
+
+    Shared references (YAML aliases) are copied out, once the tree they expand to is known to be
+    small; cycles, nesting deeper than MAX_DEPTH and more than MAX_VALUES values are refused with a
+    ConfigError naming `source`. Measuring remembers each shared object by id, so it takes time in
+    proportion to the file, not to what it expands to.
+    """
+    measured: dict[int, tuple[int, int]] = {}  # id -> (values, depth) of the tree below it
+    on_path: set[int] = set()
+
+    def measure(node: Any, level: int, where: str) -> tuple[int, int]:
+        if not isinstance(node, (dict, list)):
+            return 1, 0
+        if id(node) in on_path:
+            raise ConfigError(f"{source}: {where or 'config'}: refers to itself (a YAML alias inside its own anchor)")
+        if id(node) not in measured:
+            if level >= MAX_DEPTH:
+                raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep (at {where[:60]}...)")
+            on_path.add(id(node))
+            values, depth = 1, 0
+            for key, child in (node.items() if isinstance(node, dict) else enumerate(node)):
+                child_where = f"{where}[{key}]" if isinstance(node, list) else f"{where}.{key}" if where else str(key)
+                child_values, child_depth = measure(child, level + 1, child_where)
+                values, depth = values + child_values, max(depth, child_depth + 1)
+            on_path.discard(id(node))
+            measured[id(node)] = (values, depth)
+        values, depth = measured[id(node)]
+        if level + depth > MAX_DEPTH:
+            raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep (at {where[:60]}...)")
+        if values > MAX_VALUES:
+            raise ConfigError(f"{source}: {where or 'config'} expands to more than {MAX_VALUES} values "
+                              f"(YAML aliases nested in aliases?)")
+        return values, depth
+
+    def copy_out(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: copy_out(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [copy_out(item) for item in node]
+        return node
+
+    measure(data, 0, "")
+    return copy_out(data)
+
+
+def plain_problems(data: Any, where: str = "") -> list[str]:
+    """Problems that keep a tree (see plain_tree) from being plain config data: strings, finite
+    numbers, booleans, null, lists and string-keyed mappings.
 
     The resolved config is printed as JSON or YAML and stored in checkpoints, so anything else
-    (sets, bytes, NaN, a list that contains itself) is refused here rather than failing there.
+    (sets, bytes, NaN) is refused here rather than failing there.
     """
     label = where or "config"
     if isinstance(data, (dict, list)):
-        if any(item is data for item in _path):
-            return [f"{label}: refers to itself (a YAML alias inside its own anchor)"]
-        _path = (*_path, data)
         items = data.items() if isinstance(data, dict) else enumerate(data)
         problems = []
         for key, value in items:
@@ -71,15 +122,13 @@ def plain_problems(data: Any, where: str = "", _path: tuple = ()) -> list[str]:
                 problems.append(f"{label}: key {key!r} must be a string (quote it)")
                 continue
             child = f"{where}[{key}]" if isinstance(data, list) else f"{where}.{key}" if where else key
-            problems += plain_problems(value, child, _path)
+            problems += plain_problems(value, child)
         return problems
     if isinstance(data, float) and not math.isfinite(data):
         return [f"{label}: {data} is not a finite number"]
     if data is None or isinstance(data, (str, bool, int, float)):
         return []
     return [f"{label}: {type(data).__name__} values are not allowed in a config (got {short(data)})"]
-
-
 
 
 def _json_pairs(pairs: list) -> dict:
@@ -113,6 +162,8 @@ def read_config_file(path: str | Path) -> dict:
             data = yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:  # the JSON and YAML parsers recurse once per level of nesting
+        raise ConfigError(f"{path}: nested more than {MAX_DEPTH} levels deep") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except yaml.YAMLError as exc:
@@ -131,6 +182,8 @@ def parse_scalar(text: str) -> Any:
         return yaml.load(text, Loader=_StrictYamlLoader) if text.strip() else text  # noqa: S506
     except (yaml.YAMLError, ConfigError):
         return text
+    except RecursionError:
+        raise ConfigError(f"the value is nested more than {MAX_DEPTH} levels deep") from None
 
 
 def apply_overrides(config: dict, overrides: list[str], known: "callable | None" = None) -> dict:
@@ -169,7 +222,10 @@ def apply_overrides(config: dict, overrides: list[str], known: "callable | None"
                 problems.append(f"override {key}: {'.'.join(parts[:depth])} is a value, not a mapping")
                 break
             if last:
-                node[part] = parse_scalar(raw)
+                try:
+                    node[part] = parse_scalar(raw)
+                except ConfigError as exc:
+                    problems.append(f"override {key}: {exc}")
             else:
                 if isinstance(node, dict) and node.get(part) is None and known is not None and known(parts[: depth + 1]):
                     node[part] = {}

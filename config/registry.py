@@ -134,11 +134,14 @@ def resolve(section: str, name: Any, where: str) -> tuple[Any, str | None]:
                   f"valid: {shown}{extra}")
 
 
+MAX_WORKERS = 256
 # Range checks for arguments that many constructors share, so `lr: -1` is caught before building.
 ARG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf, "a number >= 0"),
     "batch_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
-    "num_workers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    # Each worker is a process: a typo such as 100000 would fork until the machine gives out.
+    "num_workers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_WORKERS,
+                    f"an integer in [0, {MAX_WORKERS}]"),
     "validation_split": (
         lambda v: not isinstance(v, bool) and (isinstance(v, int) and v >= 0 or isinstance(v, float) and 0 <= v < 1),
         "a fraction in [0, 1) or a count >= 0"),

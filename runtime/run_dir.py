@@ -1,7 +1,9 @@
 """The run directory <save_dir>/<name>/<run_id>/ and finding what to resume."""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -25,8 +27,68 @@ def new_run_id() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S-%f")
 
 
-def create_run_dir(config: dict, run_id: str | None) -> Path:
-    """Create the run directory; an explicit run id that exists already is an error."""
+# File descriptors of the run locks this process holds. A forked child (a DataLoader worker) closes
+# its copies: a flock lives as long as any descriptor of it, and a worker that outlives its killed
+# parent by a few seconds must not keep the run locked against the resume.
+_held_locks: set[int] = set()
+
+
+def _close_locks_in_child() -> None:
+    for fd in _held_locks:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+class RunLock:
+    """An exclusive flock on <run_dir>/.lock, held by the writing process for the whole run.
+
+    The OS drops it when the process dies, however it dies, so a crashed run never blocks a resume;
+    a second train.py on the same run directory is refused before it sweeps or writes anything.
+    """
+
+    def __init__(self, run_dir: Path):
+        path = run_dir / ".lock"
+        try:
+            # O_NOFOLLOW: a planted symlink must not make us truncate its target below.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot lock run directory {run_dir}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"run directory {run_dir} is in use by process {owner}; wait for it to finish "
+                            f"(or stop it), then resume with -r {run_dir}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd: int | None = fd
+        _held_locks.add(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            _held_locks.discard(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    # Temporaries (last.pth.tmp-<pid>) of a save that was killed do not count.
+    return any((run_dir / "checkpoints").glob("*.pth"))
+
+
+def create_run_dir(config: dict, run_id: str | None) -> tuple[Path, RunLock, bool]:
+    """(run directory, its lock, reused): a new directory, locked.
+
+    An explicit run id that exists already is an error, unless that run stopped before its first
+    checkpoint: then there is nothing to resume and the same command starts it afresh (reused).
+    """
     root = run_root(config)
     for _ in range(100):
         path = root / (run_id or new_run_id())
@@ -34,13 +96,27 @@ def create_run_dir(config: dict, run_id: str | None) -> Path:
             path.mkdir(parents=True, exist_ok=False)
         except FileExistsError:
             if run_id:
-                raise UserError(f"run directory {path} exists; resume it with -r {path}, or pick another --run-id")
+                return path, _reuse(path), True
             continue
         except OSError as exc:
             raise UserError(f"cannot create run directory {path}: {exc.strerror or exc}") from None
-        (path / "checkpoints").mkdir()
-        return path
+        lock = RunLock(path)
+        (path / "checkpoints").mkdir(exist_ok=True)
+        return path, lock, False
     raise UserError(f"could not find a free run directory under {root}")
+
+
+def _reuse(path: Path) -> RunLock:
+    exists = f"run directory {path} exists; resume it with -r {path}, or pick another --run-id"
+    # A run directory (or the empty folder of a start killed at once), never some other folder.
+    if not path.is_dir() or has_checkpoint(path) or not ((path / "checkpoints").is_dir() or not any(path.iterdir())):
+        raise UserError(exists)
+    lock = RunLock(path)  # refused while the earlier start still runs
+    if has_checkpoint(path):  # it saved while we looked
+        lock.release()
+        raise UserError(exists)
+    (path / "checkpoints").mkdir(exist_ok=True)
+    return lock
 
 
 def write_config(config: dict, run_dir: Path, suffix: str) -> Path:
@@ -58,6 +134,11 @@ def locate_resume(target: str) -> tuple[Path, Path | None]:
     if path.is_dir():
         if not (path / "checkpoints").is_dir():
             raise UserError(f"-r {target}: not a run directory (no checkpoints/ folder) and not a checkpoint file")
+        if not has_checkpoint(path):
+            config = next((p for p in (path / "config.yaml", path / "config.json") if p.exists()), None)
+            how = f"python train.py -c {config} --run-id {path.name}" if config else f"--run-id {path.name}"
+            raise UserError(f"-r {target}: the run stopped before its first checkpoint, so there is nothing to "
+                            f"resume; start it afresh with: {how}")
         return path, path
     if not path.exists():
         raise UserError(f"-r {target}: no such file or directory")
@@ -66,7 +147,10 @@ def locate_resume(target: str) -> tuple[Path, Path | None]:
 
 
 def config_changes(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(key path, old, new) for every leaf that differs between two configs."""
+    """(key path, old, new) for every leaf that differs between two configs.
+
+    Both must be trees (config.files.plain_tree): a stored config with shared lists would make this
+    walk exponential."""
     if isinstance(old, dict) and isinstance(new, dict):
         changes = []
         for key in dict.fromkeys([*old, *new]):

@@ -160,7 +160,7 @@ def test_validation_is_reduced_over_ranks_by_real_sample_count(equivalence):
 def test_two_process_digits_run_writes_one_run_directory_and_trains(digits):
     (run_dir,) = (digits["whole"] / "digits").iterdir()
     files = sorted(p.name for p in run_dir.iterdir())
-    assert [f for f in files if not f.startswith("events.out.tfevents.")] == ["checkpoints", "config.yaml",
+    assert [f for f in files if not f.startswith("events.out.tfevents.")] == [".lock", "checkpoints", "config.yaml",
                                                                              "train.log"]
     assert len([f for f in files if f.startswith("events.out.tfevents.")]) == 1
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pth", "last.pth"]
