@@ -1,7 +1,8 @@
+from checkpoint.archive import verify_archive
 from checkpoint.io import (CHECKPOINT_FORMAT, find_resume_checkpoint, link_checkpoint, load_checkpoint,
-                           save_checkpoint, sweep_temporaries, verify_zip_crcs)
+                           save_checkpoint, sweep_temporaries)
 from checkpoint.state import capture_rng, load_model_state, restore_rng, unwrap_model
 
 __all__ = ["CHECKPOINT_FORMAT", "capture_rng", "find_resume_checkpoint", "link_checkpoint", "load_checkpoint",
            "load_model_state", "restore_rng", "save_checkpoint", "sweep_temporaries", "unwrap_model",
-           "verify_zip_crcs"]
+           "verify_archive"]

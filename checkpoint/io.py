@@ -1,26 +1,26 @@
-"""Checkpoint files: atomic writes, the zip CRC-32 of every record verified on load, weights_only loads.
+"""Checkpoint files: atomic writes, the archive verified on load, weights_only loads.
 
 A checkpoint is a plain dict (see README: Checkpoint format) saved by torch.save, which writes a zip
 archive with a CRC-32 of every record (the pickle of the dict, and each tensor's bytes). torch.load
-does not check those CRCs, so a flipped bit inside a tensor would load silently: load_checkpoint
-checks them all before loading. The checksum costs nothing extra to write: torch.save computes it.
+checks neither those CRCs nor the consistency of the zip structure, so a flipped bit would load
+silently: load_checkpoint checks both first (checkpoint/archive.py). The checksum costs nothing extra
+to write: torch.save computes it.
 """
 from __future__ import annotations
 
 import os
 import pickle
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from checkpoint.archive import ZIP_MAGIC, ArchiveError, ChecksumMismatch, verify_archive
 from errors import CheckpointError, TrainingError
 
 CHECKPOINT_FORMAT = 1
 TEMP_MARK = ".tmp-"
-READ_CHUNK = 8 * 2**20
 
 
 def _check_plain(obj: Any, where: str = "state") -> None:
@@ -37,26 +37,6 @@ def _check_plain(obj: Any, where: str = "state") -> None:
     # Exact types: a str subclass such as torch.__version__ would not load with weights_only=True.
     elif not (obj is None or type(obj) in (bool, int, float, str) or isinstance(obj, torch.Size)):
         raise TypeError(f"checkpoints hold plain data only, found {type(obj).__name__} at {where}")
-
-
-def verify_zip_crcs(path: Path) -> str | None:
-    """Read every record of the archive and check its CRC-32; return what is wrong, or None."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-            if not any(info.CRC for info in infos if info.file_size):
-                return None  # written with torch's CRC option off (not by this project): nothing to verify
-            for info in infos:
-                with archive.open(info) as record:  # raises BadZipFile at the end of a record whose CRC differs
-                    while record.read(READ_CHUNK):
-                        pass
-    except zipfile.BadZipFile as exc:
-        reason = str(exc)
-        return f"checksum mismatch: the file is corrupted ({reason})" if "CRC" in reason else \
-            f"corrupt or truncated checkpoint ({reason})"
-    except Exception as exc:  # noqa: BLE001 - a damaged header can make zipfile fail anywhere (zlib.error, ...)
-        return f"corrupt or truncated checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-    return None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -142,23 +122,30 @@ def link_checkpoint(source: Path, target: Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Verify every record's CRC-32, then load with weights_only=True; every failure is a CheckpointError."""
+    """Verify the archive (structure and every record's CRC-32), then load with weights_only=True;
+    every failure is a CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    if zipfile.is_zipfile(path):  # not a zip: a legacy pickle, refused (or reported) by torch.load below
-        problem = verify_zip_crcs(path)
-        if problem:
-            raise CheckpointError(f"{path}: {problem}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # One open file for the check and the load: the bytes verified are the bytes loaded, even if
+        # the name is replaced meanwhile.
+        with open(path, "rb") as handle:
+            if handle.read(4) == ZIP_MAGIC:  # else a legacy pickle, refused (or reported) by torch.load below
+                verify_archive(handle)
+            handle.seek(0)
+            state = torch.load(handle, map_location="cpu", weights_only=True)
+    except ChecksumMismatch as exc:
+        raise CheckpointError(f"{path}: checksum mismatch: the file is corrupted ({exc})") from None
+    except ArchiveError as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({exc})") from None
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if "Weights only load failed" in first or "Unsupported global" in str(exc):
             raise CheckpointError(f"{path}: refused: it contains objects other than tensors and plain data "
                                   f"(a pickle payload?); it was not executed") from None
         raise CheckpointError(f"{path}: corrupt checkpoint ({first or 'unpickling failed'})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes torch raise, it is the file's fault
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first})") from None
     if not isinstance(state, dict) or "state_dict" not in state:
