@@ -95,7 +95,7 @@ def train_run(args: argparse.Namespace) -> int:
             run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
         logger = setup_logging(run_dir, cfg["verbosity"], dist.is_main)
         if dist.is_main:
-            for temp in sweep_temporaries(run_dir / "checkpoints"):
+            for temp in sweep_temporaries(run_dir) + sweep_temporaries(run_dir / "checkpoints"):
                 logger.info(f"removed {temp.name} left by an interrupted save")
             write_config(config, run_dir, suffix)
         logger.info(f"run directory: {run_dir}")

@@ -18,9 +18,9 @@ import torch
 
 from checkpoint.archive import ZIP_MAGIC, ArchiveError, ChecksumMismatch, verify_archive
 from errors import CheckpointError, TrainingError
+from runtime.atomic_write import atomic_write, fsync_dir, remove_quietly, temporary_path
 
 CHECKPOINT_FORMAT = 1
-TEMP_MARK = ".tmp-"
 
 
 def _check_plain(obj: Any, where: str = "state") -> None:
@@ -39,49 +39,33 @@ def _check_plain(obj: Any, where: str = "state") -> None:
         raise TypeError(f"checkpoints hold plain data only, found {type(obj).__name__} at {where}")
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Write `state` to `path` atomically: temp file, fsync, rename, fsync dir.
 
     On any failure the previous file at `path` is untouched and TrainingError is raised.
     """
     path = Path(path)
-    temp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}")
     _check_plain(state)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise TrainingError(f"could not write checkpoint {path}: {path.parent} is not a directory") from None
+    existed = os.path.lexists(path)
     try:
-        with open(temp, "wb") as handle:
-            crc32 = torch.serialization.get_crc32_options()
-            torch.serialization.set_crc32_options(True)  # the checksum load_checkpoint verifies
-            try:
-                torch.save(state, handle)
-            finally:
-                torch.serialization.set_crc32_options(crc32)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-        _fsync_dir(path.parent)
+        atomic_write(path, lambda handle: _torch_save(state, handle))
     except (OSError, RuntimeError) as exc:  # a full disk makes torch.save raise RuntimeError
-        try:
-            temp.unlink()
-        except OSError:
-            pass
-        raise TrainingError(f"could not write checkpoint {path}: {_reason(exc)}; the previous file is intact") \
-            from None
+        outcome = "the previous file is intact" if existed else "no checkpoint was written"
+        raise TrainingError(f"could not write checkpoint {path}: {_reason(exc)}; {outcome}") from None
     return path
+
+
+def _torch_save(state: dict, handle) -> None:
+    crc32 = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(True)  # the checksum load_checkpoint verifies
+    try:
+        torch.save(state, handle)
+    finally:
+        torch.serialization.set_crc32_options(crc32)
 
 
 def _reason(exc: BaseException) -> str:
@@ -100,23 +84,21 @@ def link_checkpoint(source: Path, target: Path) -> Path:
 
     A hard link where the file system has them, else a copy (fsynced); then rename and fsync dir.
     """
-    temp = target.with_name(f"{target.name}{TEMP_MARK}{os.getpid()}")
+    temp = temporary_path(target)
     try:
-        if temp.exists():
-            temp.unlink()
+        remove_quietly(temp)  # stale or planted: the name goes, a symlink's target is not touched
         try:
-            os.link(source, temp)
-        except OSError:
-            shutil.copyfile(source, temp)
-            with open(temp, "rb+") as handle:
-                os.fsync(handle.fileno())
+            os.link(source, temp)  # never writes through an existing name: that fails with EEXIST
+        except FileExistsError:  # planted again since the unlink: give up rather than guess
+            raise
+        except OSError:  # no hard links on this file system: copy, through a fresh temporary
+            with open(source, "rb") as original:
+                atomic_write(target, lambda handle: shutil.copyfileobj(original, handle, 2**20))
+            return target
         os.replace(temp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as exc:
-        try:
-            temp.unlink()
-        except OSError:
-            pass
+        remove_quietly(temp)
         raise TrainingError(f"could not write checkpoint {target}: {_reason(exc)}") from None
     return target
 
@@ -151,20 +133,6 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or "state_dict" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no state_dict)")
     return state
-
-
-def sweep_temporaries(directory: str | Path) -> list[Path]:
-    """Remove temporary files that a killed save left behind."""
-    removed = []
-    directory = Path(directory)
-    if directory.is_dir():
-        for temp in directory.glob(f"*{TEMP_MARK}*"):
-            try:
-                temp.unlink()
-                removed.append(temp)
-            except OSError:
-                pass
-    return removed
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict, list[str]]:

@@ -159,3 +159,113 @@ def test_resume_falls_back_past_a_bit_flipped_last_and_test_py_exits_2(tmp_path,
     resumed_from = proc.stdout.split("resuming from")[1].splitlines()[0]
     assert "last.pth" not in resumed_from, resumed_from
     assert load_checkpoint(last)["epoch"] == 2
+
+
+# ---- item 8: temporaries never follow symlinks ------------------------------------------------------
+
+def test_symlinks_planted_at_temporary_names_are_never_followed(tmp_path):
+    """save_checkpoint, link_checkpoint, write_config and the sweep, with real symlinks to a file that
+    must stay unchanged (well under a second)."""
+    from checkpoint import link_checkpoint, sweep_temporaries
+    from runtime.run_dir import write_config
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    folder = run / "checkpoints"
+    folder.mkdir(parents=True)
+    pid = os.getpid()
+    planted = [folder / f"last.pth.tmp-{pid}", folder / f"best.pth.tmp-{pid}", run / "config.yaml.tmp",
+               run / f"config.yaml.tmp-{pid}", folder / "epoch-1.pth.tmp-999"]
+    for link in planted:
+        link.symlink_to(victim)
+
+    state = small_checkpoint(folder / "last.pth")
+    link_checkpoint(folder / "last.pth", folder / "best.pth")
+    write_config({"name": "tiny", "seed": 1}, run, ".yaml")
+    assert victim.read_text() == "precious"
+    for path in (folder / "last.pth", folder / "best.pth", run / "config.yaml"):
+        assert path.is_file() and not path.is_symlink(), path
+    assert same_state(load_checkpoint(folder / "best.pth"), state)
+    assert (run / "config.yaml").read_text() == "name: tiny\nseed: 1\n"
+
+    # The sweep unlinks the links named like our temporaries, not their targets, and nothing else.
+    (folder / "notes.tmp-old").write_text("kept")
+    (folder / "keep.pth.tmp-").write_text("kept")
+    swept = sweep_temporaries(folder) + sweep_temporaries(run)
+    assert sorted(p.name for p in swept) == ["epoch-1.pth.tmp-999"]
+    assert victim.read_text() == "precious"
+    assert (run / "config.yaml.tmp").is_symlink()  # not our pattern: left alone
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pth", "keep.pth.tmp-", "last.pth", "notes.tmp-old"]
+
+
+# ---- item 5: unwritable run directories, damaged checkpoint contents ---------------------------------
+
+def immutable(path: Path):
+    """chattr +i: stops writes as root, where chmod does not (skips where the file system lacks it)."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    return path
+
+
+@pytest.mark.parametrize("blocked", ["config.yaml", "train.log"])
+def test_resume_into_a_read_only_run_directory_exits_1_in_one_line(tmp_path, run_dir, blocked):
+    """A resume whose run directory refuses new files (immutable); about 5 s each."""
+    run = copy_run(run_dir, tmp_path / "run")
+    if blocked == "train.log":
+        (run / "train.log").unlink()  # appending to an existing log works even in an immutable directory
+    before = sorted(p.name for p in run.iterdir())
+    immutable(run)
+    try:
+        proc = run_script("train.py", "-r", str(run), "trainer.epochs=2")
+    finally:
+        subprocess.run(["chattr", "-i", str(run)], check=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == f"error: cannot write {run / blocked}: Operation not permitted", proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_write_config_on_a_full_disk_leaves_no_temporary(tmp_path):
+    """A 1 MiB tmpfs filled up (needs root and mount); well under a second."""
+    from errors import TrainingError
+    from runtime.run_dir import write_config
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount permission)")
+    try:
+        (mount / "config.yaml").write_text("name: old\n")
+        filler = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, b"\0" * 4096):  # to the last block
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(filler)
+        with pytest.raises(TrainingError, match=f"cannot write {mount / 'config.yaml'}: No space left on device"):
+            write_config({"name": "new", "notes": "x" * 10000}, mount, ".yaml")
+        assert sorted(p.name for p in mount.iterdir()) == ["config.yaml", "filler"]
+        assert (mount / "config.yaml").read_text() == "name: old\n"
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+# ---- item 11: the failure message tells the truth about the previous file ----------------------------
+
+def test_failed_first_save_does_not_claim_a_previous_file(tmp_path):
+    """An immutable, empty checkpoints folder: no previous file to be intact (well under a second)."""
+    from errors import TrainingError
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    immutable(folder)
+    try:
+        with pytest.raises(TrainingError) as info:
+            save_checkpoint({"state_dict": {"w": torch.ones(3)}}, folder / "last.pth")
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    assert str(info.value).endswith("Operation not permitted; no checkpoint was written"), str(info.value)
+    assert "intact" not in str(info.value) and not list(folder.iterdir())
