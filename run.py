@@ -28,15 +28,16 @@ def _resolve_config(args: argparse.Namespace):
     overrides = _overrides(args)
     if not args.resume:
         return load_config(args.config, overrides), None, None, Path(args.config).suffix.lower()
-    from checkpoint import find_resume_checkpoint, load_checkpoint
+    from checkpoint import check_resume_state, find_resume_checkpoint, load_checkpoint
     from runtime.run_dir import locate_resume
 
     target, run_dir = locate_resume(args.resume)
     notes = []
     if target.is_dir():
-        path, state, notes = find_resume_checkpoint(target)
+        path, state, notes = find_resume_checkpoint(target)  # checked like the file below
     else:
         path, state = target, load_checkpoint(target)
+        check_resume_state(state, path)
     if args.config:
         config = load_config(args.config, overrides)
     else:
@@ -59,7 +60,7 @@ def train_run(args: argparse.Namespace) -> int:
     import torch
 
     from base import model_summary
-    from checkpoint import sweep_temporaries
+    from checkpoint import check_optimizer_fits, sweep_temporaries
     from config.build import (build_data_loaders, build_loss, build_lr_scheduler, build_metrics, build_model,
                               build_optimizer, trainer_class)
     from logger import make_writer, setup_logging
@@ -83,6 +84,8 @@ def train_run(args: argparse.Namespace) -> int:
         train_loader, valid_loader = build_data_loaders(config, dist.rank, dist.world_size)
         model = model.to(device)
         optimizer = build_optimizer(config, model)
+        if resume:
+            check_optimizer_fits(resume["state"]["optimizer"], optimizer, resume["path"])
         lr_scheduler = build_lr_scheduler(config.get("lr_scheduler"), optimizer)
         criterion, metric_fns = build_loss(config), build_metrics(config)
         build_callbacks(config, model)  # trainer.watch/freeze module names are checked before anything is written

@@ -24,7 +24,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     from pathlib import Path
 
-    from checkpoint import load_checkpoint, load_model_state
+    from checkpoint import check_eval_state, load_checkpoint, load_model_state
     from config import check_config, load_config
     from config.files import apply_overrides
     from config.schema import is_known_path
@@ -35,6 +35,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         path = next((p for p in (path / "checkpoints" / "best.pth", path / "checkpoints" / "last.pth") if p.exists()),
                     path / "checkpoints" / "best.pth")
     state = load_checkpoint(path)
+    check_eval_state(state, path, need_config=not args.config)
     if args.config:
         config = load_config(args.config, overrides)
     else:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from checkpoint.archive import ZIP_MAGIC, ArchiveError, ChecksumMismatch, verify_archive
+from checkpoint.validate import check_resume_state
 from errors import CheckpointError, TrainingError
 from runtime.atomic_write import atomic_write, fsync_dir, remove_quietly, temporary_path
 
@@ -136,7 +137,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict, list[str]]:
-    """The newest valid checkpoint of a run: last.pth, else the others newest first.
+    """The newest valid, resumable checkpoint of a run: last.pth, else the others newest first.
 
     Returns (path, state, notes); notes say which files were refused and why.
     """
@@ -148,7 +149,9 @@ def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict, list[str]]:
     notes = []
     for path in files:
         try:
-            return path, load_checkpoint(path), notes
+            state = load_checkpoint(path)
+            check_resume_state(state, path)
+            return path, state, notes
         except CheckpointError as exc:
             notes.append(str(exc))
     raise CheckpointError(f"{run_dir}: no valid checkpoint" + (f" ({'; '.join(notes)})" if notes else ""))

@@ -269,3 +269,70 @@ def test_failed_first_save_does_not_claim_a_previous_file(tmp_path):
         subprocess.run(["chattr", "-i", str(folder)], check=True)
     assert str(info.value).endswith("Operation not permitted; no checkpoint was written"), str(info.value)
     assert "intact" not in str(info.value) and not list(folder.iterdir())
+
+
+def tamper(state: dict, case: str) -> str:
+    """Damage a loaded checkpoint the way a file from another tool or an edit by hand would; return the key
+    the refusal must name."""
+    rng = state["ranks"][0]["rng"]
+    if case == "no config":
+        del state["config"]
+        return "'config'"
+    if case == "no optimizer":
+        del state["optimizer"]
+        return "'optimizer'"
+    if case == "epoch string":
+        state["epoch"] = "1"
+        return "'epoch'"
+    if case == "extra param group":
+        state["optimizer"]["param_groups"].append(dict(state["optimizer"]["param_groups"][0]))
+        return "'optimizer.param_groups'"
+    if case == "group of another optimizer":
+        for key in ("betas", "eps", "amsgrad"):
+            state["optimizer"]["param_groups"][0].pop(key, None)
+        return "'optimizer.param_groups[0]'"
+    if case == "torch rng float":
+        rng["torch"] = rng["torch"].float()
+        return "'ranks.0.rng.torch'"
+    if case == "numpy rng short":
+        rng["numpy"]["state"] = rng["numpy"]["state"][:100]
+        return "'ranks.0.rng.numpy'"
+    if case == "python rng out of range":
+        rng["python"] = (rng["python"][0], rng["python"][1] + 2**33, rng["python"][2])
+        return "'ranks.0.rng.python'"
+    raise AssertionError(case)
+
+
+def run_main(module, argv: list[str], capsys) -> tuple[int, str]:
+    code = module.main(argv)
+    out, err = capsys.readouterr()
+    return code, err
+
+
+RESUME_CASES = ["no config", "no optimizer", "epoch string", "extra param group", "group of another optimizer",
+                "torch rng float", "numpy rng short", "python rng out of range"]
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_damaged_checkpoint_contents_exit_2_in_one_line(tmp_path, run_dir, capsys, case):
+    """train.py -r FILE (and test.py -r FILE where it reads the key) in-process: about 1 s each."""
+    import importlib.util
+
+    import train
+
+    spec = importlib.util.spec_from_file_location("test_entry", ROOT / "test.py")  # not the stdlib's `test`
+    test_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_script)
+
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pth")
+    key = tamper(state, case)
+    path = tmp_path / "foreign.pth"
+    save_checkpoint(state, path)
+    code, err = run_main(train, ["-r", str(path), f"trainer.save_dir={tmp_path / 'saved'}"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {path}: {key}"), err
+    assert not (tmp_path / "saved").exists()  # refused before anything was written
+    if case == "no config":
+        code, err = run_main(test_script, ["-r", str(path)], capsys)
+        assert code == 2 and err.strip().splitlines() == [f"error: {path}: {key} is missing "
+                                                          "(a checkpoint written by another tool?)"], err
