@@ -54,7 +54,7 @@ def fsync_dir(directory: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` through `write(handle)` atomically. On any failure the temporary is removed, the file
+    """Write `path` through `write(handle)` atomically. On an error the temporary is removed, the file
     at `path` is untouched and the error propagates."""
     handle, temp = open_temporary(path)
     try:
@@ -63,7 +63,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)  # replaces a symlink at `path` itself, never its target
-    except BaseException:
+    except Exception:
+        # Not on a second Ctrl-C (KeyboardInterrupt), which stops at once: its orphan is swept at the next start.
         remove_quietly(temp)
         raise
     fsync_dir(path.parent)
