@@ -106,6 +106,8 @@ def _zip64_values(extra: bytes, fields: list[int]) -> list[int]:
     at = 0
     while at + 4 <= len(extra):
         tag, length = struct.unpack_from("<HH", extra, at)
+        if at + 4 + length > len(extra):
+            break
         if tag == 1:
             values = iter(struct.unpack_from(f"<{length // 8}Q", extra, at + 4))
             try:
