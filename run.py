@@ -31,15 +31,16 @@ def _resolve_config(args: argparse.Namespace):
     overrides = _overrides(args)
     if not args.resume:
         return load_config(args.config, overrides), None, None, Path(args.config).suffix.lower()
-    from checkpoint import find_resume_checkpoint, load_checkpoint
+    from checkpoint import check_resume_state, find_resume_checkpoint, load_checkpoint
     from runtime.run_dir import locate_resume
 
     target, run_dir = locate_resume(args.resume)
     notes = []
     if target.is_dir():
-        path, state, notes = find_resume_checkpoint(target)
+        path, state, notes = find_resume_checkpoint(target)  # checked like the file below
     else:
         path, state = target, load_checkpoint(target)
+        check_resume_state(state, path)
     source = f"{path} (config)"
     config = load_config(args.config, overrides) if args.config else resolve_config(state.get("config"), overrides, source)
     saved = plain_tree(state.get("config"), source)  # a tree: walks of pickle's shared lists stay linear
@@ -87,7 +88,7 @@ def train_run(args: argparse.Namespace) -> int:
     import torch
 
     from base import model_summary
-    from checkpoint import sweep_temporaries
+    from checkpoint import check_optimizer_fits, sweep_temporaries
     from config.build import (build_data_loaders, build_loss, build_lr_scheduler, build_metrics, build_model,
                               build_optimizer, trainer_class)
     from logger import make_writer, setup_logging
@@ -112,6 +113,8 @@ def train_run(args: argparse.Namespace) -> int:
         train_loader, valid_loader = build_data_loaders(config, dist.rank, dist.world_size)
         model = model.to(device)
         optimizer = build_optimizer(config, model)
+        if resume:
+            check_optimizer_fits(resume["state"]["optimizer"], optimizer, resume["path"])
         lr_scheduler = build_lr_scheduler(config.get("lr_scheduler"), optimizer)
         criterion, metric_fns = build_loss(config), build_metrics(config)
         build_callbacks(config, model)  # trainer.watch/freeze module names are checked before anything is written
@@ -140,7 +143,7 @@ def train_run(args: argparse.Namespace) -> int:
         if reused:
             logger.info(f"starting {run_dir} afresh: an earlier start stopped before its first checkpoint")
         if dist.is_main:
-            for temp in sweep_temporaries(run_dir / "checkpoints"):
+            for temp in sweep_temporaries(run_dir) + sweep_temporaries(run_dir / "checkpoints"):
                 logger.info(f"removed {temp.name} left by an interrupted save")
             write_config(config, run_dir, suffix)
         logger.info(f"run directory: {run_dir}")
@@ -171,7 +174,7 @@ def train_run(args: argparse.Namespace) -> int:
             for note in resume["notes"]:
                 logger.warning(f"skipped {note}")
             logger.info(f"resuming from {resume['path']}")
-            trainer.resume(resume["state"])
+            trainer.resume(resume["state"], source=str(resume["path"]))
             if resume["saved"] is not None:
                 _apply_resume_overrides(resume["saved"], config, optimizer, lr_scheduler, logger)
         try:

@@ -24,7 +24,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     from pathlib import Path
 
-    from checkpoint import load_checkpoint, load_model_state
+    from checkpoint import check_eval_state, load_checkpoint, load_model_state
     from config import load_config, resolve_config
 
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
@@ -33,6 +33,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         path = next((p for p in (path / "checkpoints" / "best.pth", path / "checkpoints" / "last.pth") if p.exists()),
                     path / "checkpoints" / "best.pth")
     state = load_checkpoint(path)
+    check_eval_state(state, path, need_config=not args.config)
     if args.config:
         config = load_config(args.config, overrides)
     else:

@@ -233,9 +233,9 @@ class BaseTrainer(metaclass=ABCMeta):
         for _, old in sorted(numbered)[: -self.keep_last]:
             old.unlink(missing_ok=True)  # best.pth, a link to the same file, keeps it alive if needed
 
-    def resume(self, state: dict) -> None:
+    def resume(self, state: dict, source: str = "resume checkpoint") -> None:
         """Continue exactly where `state` (a loaded checkpoint) stopped."""
-        load_model_state(self.model, state["state_dict"], strict=True, source="resume checkpoint")
+        load_model_state(self.model, state["state_dict"], strict=True, source=source)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -1,26 +1,27 @@
-"""Checkpoint files: atomic writes, the zip CRC-32 of every record verified on load, weights_only loads.
+"""Checkpoint files: atomic writes, the archive verified on load, weights_only loads.
 
 A checkpoint is a plain dict (see README: Checkpoint format) saved by torch.save, which writes a zip
 archive with a CRC-32 of every record (the pickle of the dict, and each tensor's bytes). torch.load
-does not check those CRCs, so a flipped bit inside a tensor would load silently: load_checkpoint
-checks them all before loading. The checksum costs nothing extra to write: torch.save computes it.
+checks neither those CRCs nor the consistency of the zip structure, so a flipped bit would load
+silently: load_checkpoint checks both first (checkpoint/archive.py). The checksum costs nothing extra
+to write: torch.save computes it.
 """
 from __future__ import annotations
 
 import os
 import pickle
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from checkpoint.archive import ZIP_MAGIC, ArchiveError, ChecksumMismatch, verify_archive
+from checkpoint.validate import check_resume_state
 from errors import CheckpointError, TrainingError
+from runtime.atomic_write import atomic_write, fsync_dir, remove_quietly, temporary_path
 
 CHECKPOINT_FORMAT = 1
-TEMP_MARK = ".tmp-"
-READ_CHUNK = 8 * 2**20
 
 
 def _check_plain(obj: Any, where: str = "state") -> None:
@@ -39,69 +40,33 @@ def _check_plain(obj: Any, where: str = "state") -> None:
         raise TypeError(f"checkpoints hold plain data only, found {type(obj).__name__} at {where}")
 
 
-def verify_zip_crcs(path: Path) -> str | None:
-    """Read every record of the archive and check its CRC-32; return what is wrong, or None."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-            if not any(info.CRC for info in infos if info.file_size):
-                return None  # written with torch's CRC option off (not by this project): nothing to verify
-            for info in infos:
-                with archive.open(info) as record:  # raises BadZipFile at the end of a record whose CRC differs
-                    while record.read(READ_CHUNK):
-                        pass
-    except zipfile.BadZipFile as exc:
-        reason = str(exc)
-        return f"checksum mismatch: the file is corrupted ({reason})" if "CRC" in reason else \
-            f"corrupt or truncated checkpoint ({reason})"
-    except Exception as exc:  # noqa: BLE001 - a damaged header can make zipfile fail anywhere (zlib.error, ...)
-        return f"corrupt or truncated checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-    return None
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Write `state` to `path` atomically: temp file, fsync, rename, fsync dir.
 
     On any failure the previous file at `path` is untouched and TrainingError is raised.
     """
     path = Path(path)
-    temp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}")
     _check_plain(state)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise TrainingError(f"could not write checkpoint {path}: {path.parent} is not a directory") from None
+    existed = os.path.lexists(path)
     try:
-        with open(temp, "wb") as handle:
-            crc32 = torch.serialization.get_crc32_options()
-            torch.serialization.set_crc32_options(True)  # the checksum load_checkpoint verifies
-            try:
-                torch.save(state, handle)
-            finally:
-                torch.serialization.set_crc32_options(crc32)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-        _fsync_dir(path.parent)
+        atomic_write(path, lambda handle: _torch_save(state, handle))
     except (OSError, RuntimeError) as exc:  # a full disk makes torch.save raise RuntimeError
-        try:
-            temp.unlink()
-        except OSError:
-            pass
-        raise TrainingError(f"could not write checkpoint {path}: {_reason(exc)}; the previous file is intact") \
-            from None
+        outcome = "the previous file is intact" if existed else "no checkpoint was written"
+        raise TrainingError(f"could not write checkpoint {path}: {_reason(exc)}; {outcome}") from None
     return path
+
+
+def _torch_save(state: dict, handle) -> None:
+    crc32 = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(True)  # the checksum load_checkpoint verifies
+    try:
+        torch.save(state, handle)
+    finally:
+        torch.serialization.set_crc32_options(crc32)
 
 
 def _reason(exc: BaseException) -> str:
@@ -120,45 +85,50 @@ def link_checkpoint(source: Path, target: Path) -> Path:
 
     A hard link where the file system has them, else a copy (fsynced); then rename and fsync dir.
     """
-    temp = target.with_name(f"{target.name}{TEMP_MARK}{os.getpid()}")
+    temp = temporary_path(target)
     try:
-        if temp.exists():
-            temp.unlink()
+        remove_quietly(temp)  # stale or planted: the name goes, a symlink's target is not touched
         try:
-            os.link(source, temp)
-        except OSError:
-            shutil.copyfile(source, temp)
-            with open(temp, "rb+") as handle:
-                os.fsync(handle.fileno())
+            os.link(source, temp)  # never writes through an existing name: that fails with EEXIST
+        except FileExistsError:  # planted again since the unlink: give up rather than guess
+            raise
+        except OSError:  # no hard links on this file system: copy, through a fresh temporary
+            with open(source, "rb") as original:
+                atomic_write(target, lambda handle: shutil.copyfileobj(original, handle, 2**20))
+            return target
         os.replace(temp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as exc:
-        try:
-            temp.unlink()
-        except OSError:
-            pass
+        remove_quietly(temp)
         raise TrainingError(f"could not write checkpoint {target}: {_reason(exc)}") from None
     return target
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Verify every record's CRC-32, then load with weights_only=True; every failure is a CheckpointError."""
+    """Verify the archive (structure and every record's CRC-32), then load with weights_only=True;
+    every failure is a CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    if zipfile.is_zipfile(path):  # not a zip: a legacy pickle, refused (or reported) by torch.load below
-        problem = verify_zip_crcs(path)
-        if problem:
-            raise CheckpointError(f"{path}: {problem}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # One open file for the check and the load: the bytes verified are the bytes loaded, even if
+        # the name is replaced meanwhile.
+        with open(path, "rb") as handle:
+            if handle.read(4) == ZIP_MAGIC:  # else a legacy pickle, refused (or reported) by torch.load below
+                verify_archive(handle)
+            handle.seek(0)
+            state = torch.load(handle, map_location="cpu", weights_only=True)
+    except ChecksumMismatch as exc:
+        raise CheckpointError(f"{path}: checksum mismatch: the file is corrupted ({exc})") from None
+    except ArchiveError as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({exc})") from None
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if "Weights only load failed" in first or "Unsupported global" in str(exc):
             raise CheckpointError(f"{path}: refused: it contains objects other than tensors and plain data "
                                   f"(a pickle payload?); it was not executed") from None
         raise CheckpointError(f"{path}: corrupt checkpoint ({first or 'unpickling failed'})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes torch raise, it is the file's fault
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first})") from None
     if not isinstance(state, dict) or "state_dict" not in state:
@@ -166,22 +136,8 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def sweep_temporaries(directory: str | Path) -> list[Path]:
-    """Remove temporary files that a killed save left behind."""
-    removed = []
-    directory = Path(directory)
-    if directory.is_dir():
-        for temp in directory.glob(f"*{TEMP_MARK}*"):
-            try:
-                temp.unlink()
-                removed.append(temp)
-            except OSError:
-                pass
-    return removed
-
-
 def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict, list[str]]:
-    """The newest valid checkpoint of a run: last.pth, else the others newest first.
+    """The newest valid, resumable checkpoint of a run: last.pth, else the others newest first.
 
     Returns (path, state, notes); notes say which files were refused and why.
     """
@@ -193,7 +149,9 @@ def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict, list[str]]:
     notes = []
     for path in files:
         try:
-            return path, load_checkpoint(path), notes
+            state = load_checkpoint(path)
+            check_resume_state(state, path)
+            return path, state, notes
         except CheckpointError as exc:
             notes.append(str(exc))
     raise CheckpointError(f"{run_dir}: no valid checkpoint" + (f" ({'; '.join(notes)})" if notes else ""))

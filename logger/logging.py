@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+from errors import TrainingError
+
 LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 NAME = "train"
 
@@ -42,7 +44,11 @@ def setup_logging(run_dir: str | Path | None, verbosity: int = 2, is_main: bool 
     console.setLevel(LEVELS[verbosity])
     logger.addHandler(console)
     if run_dir is not None and is_main:
-        file_handler = logging.FileHandler(Path(run_dir) / "train.log", mode="a", encoding="utf-8")
+        path = Path(run_dir) / "train.log"
+        try:
+            file_handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        except OSError as exc:  # a read-only or full run directory: exit 1, as for a config or checkpoint write
+            raise TrainingError(f"cannot write {path}: {exc.strerror or exc}") from None
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         file_handler.setLevel(logging.DEBUG)
         logger.addHandler(file_handler)

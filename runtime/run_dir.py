@@ -9,8 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from errors import ConfigError, UserError
 from config.schema import NAME_RE
+from errors import ConfigError, TrainingError, UserError
+from runtime.atomic_write import atomic_write
 
 
 def check_run_id(run_id: str) -> None:
@@ -120,11 +121,14 @@ def _reuse(path: Path) -> RunLock:
 
 
 def write_config(config: dict, run_dir: Path, suffix: str) -> Path:
+    """Write the resolved config atomically; a full disk or a read-only run directory is a one-line
+    TrainingError (exit 1, like a checkpoint that cannot be written) and leaves no temporary behind."""
     path = run_dir / ("config.json" if suffix == ".json" else "config.yaml")
     text = json.dumps(config, indent=2) + "\n" if suffix == ".json" else yaml.safe_dump(config, sort_keys=False)
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(text, encoding="utf-8")
-    temp.replace(path)
+    try:
+        atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    except OSError as exc:
+        raise TrainingError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
 
