@@ -24,17 +24,23 @@ from runtime.atomic_write import atomic_write, fsync_dir, remove_quietly, tempor
 CHECKPOINT_FORMAT = 1
 
 
-def _check_plain(obj: Any, where: str = "state") -> None:
-    """Refuse, before writing, anything that torch.load(weights_only=True) would refuse to read back."""
+def _check_plain(obj: Any, where: str = "state", seen: set[int] | None = None) -> None:
+    """Refuse, before writing, anything that torch.load(weights_only=True) would refuse to read back.
+    Each container is walked once: shared references (YAML aliases, pickle's memo) stay linear."""
     if isinstance(obj, torch.Tensor):
         return
+    if isinstance(obj, (dict, list, tuple)):
+        seen = set() if seen is None else seen
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
     if isinstance(obj, dict):
         for key, value in obj.items():
-            _check_plain(key, where)
-            _check_plain(value, f"{where}[{key!r}]")
+            _check_plain(key, where, seen)
+            _check_plain(value, f"{where}[{key!r}]", seen)
     elif isinstance(obj, (list, tuple)):
         for i, item in enumerate(obj):
-            _check_plain(item, f"{where}[{i}]")
+            _check_plain(item, f"{where}[{i}]", seen)
     # Exact types: a str subclass such as torch.__version__ would not load with weights_only=True.
     elif not (obj is None or type(obj) in (bool, int, float, str) or isinstance(obj, torch.Size)):
         raise TypeError(f"checkpoints hold plain data only, found {type(obj).__name__} at {where}")

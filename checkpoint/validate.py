@@ -92,7 +92,8 @@ def _describe(value: Any) -> str:
 def _check(state: dict, spec: dict, path: Path, prefix: str = "") -> None:
     for key, (ok, expected) in spec.items():
         if key not in state:
-            raise CheckpointError(f"{path}: '{prefix}{key}' is missing (a checkpoint written by another tool?)")
+            hint = "; pass a config with -c CONFIG" if prefix + key == "config" else ""
+            raise CheckpointError(f"{path}: '{prefix}{key}' is missing (a checkpoint written by another tool?){hint}")
         if not ok(state[key]):
             raise CheckpointError(f"{path}: '{prefix}{key}' is {_describe(state[key])}, expected {expected}")
 

@@ -115,7 +115,9 @@ def test_checkpoint_config_with_shared_references_does_not_hang(script, trained,
 
 def test_checkpoint_config_with_a_small_shared_list_evaluates(trained, tmp_path):
     state = torch.load(trained / "checkpoints" / "last.pth", weights_only=True)
-    state["config"]["trainer"]["watch"] = {"modules": state["config"]["metrics"], "every_steps": 10}
+    modules = ["features"]  # one list object in two places: pickle's memo stores it once, shared
+    state["config"]["trainer"]["watch"] = {"modules": modules, "every_steps": 10}
+    state["config"]["trainer"]["freeze"] = {"modules": modules, "until_epoch": 1}
     path = tmp_path / "shared.pth"
     torch.save(state, path)
     proc = run_script("test.py", "-r", str(path), "data_loader.args.batch_size=512", cwd=tmp_path, timeout=120)
@@ -267,4 +269,4 @@ def test_checkpoint_without_a_config_is_one_line(script, trained, tmp_path):
     del state["config"]
     path = tmp_path / "foreign.pth"
     torch.save(state, path)
-    one_error_line(run_script(script, "-r", str(path), cwd=tmp_path, timeout=60), "(config): missing; pass a config")
+    one_error_line(run_script(script, "-r", str(path), cwd=tmp_path, timeout=60), "'config' is missing (a checkpoint written by another tool?); pass a config with -c CONFIG")
