@@ -242,11 +242,15 @@ def _dry_run(trainer, config: dict, args: argparse.Namespace, run_dir) -> int:
                 trainer.train_metrics.compute()
     except ConfigError:
         raise
-    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
-        # Checking that model, data, step, loss and metrics fit together is what --dry-run is for: one line.
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError) as exc:
+        # Checking that model, data, step, loss and metrics fit together is what --dry-run is for: one line,
+        # with where it happened (the innermost frame: often the user's own step or model).
+        import traceback
+
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
         raise ConfigError(f"--dry-run: one batch ({describe(batch)}) through {type(trainer).__name__}.step, "
                           f"backward and the metrics failed: {exc.__class__.__name__}: "
-                          f"{' '.join(str(exc).split())}") from None
+                          f"{' '.join(str(exc).split())} (at {frame.filename}:{frame.lineno})") from None
     print(model_summary(trainer.model))
     print(f"one batch: {describe(batch)}, loss {out['loss'].item():.4f}, backward ok"
           + (", metrics ok" if trainer.train_metrics.enabled else ""))

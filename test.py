@@ -51,6 +51,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     # The run's own trainer class: its `step` and evaluation loop are the ones validation ran.
     trainer = trainer_class(config)(model, build_loss(config), build_metrics(config), None, config, device, None)
     trainer.verbosity = 0  # only the `name: value` lines on stdout
+    print(f"evaluating {path} on the test split ({len(loader.sampler)} samples)", file=sys.stderr)
     return trainer.evaluate(loader, desc="test")
 
 

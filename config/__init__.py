@@ -160,6 +160,14 @@ def _check_metrics(metrics: list, problems: list[str]) -> bool:
             problems.extend(found)
             if isinstance(item, dict):
                 item["args"] = args
+            if inspect.isclass(target) and not found:
+                # torchmetrics classes take **kwargs: their own checks run when one is built (cheap), so
+                # build it now and report a bad argument with the other problems.
+                try:
+                    target(**args)
+                except Exception as exc:  # noqa: BLE001 - any constructor error is this entry's problem
+                    problems.append(f"{where}.args: {target.__name__}: {' '.join(str(exc).split())}")
+                    ok = False
         if spec["name"] in seen:
             problems.append(f"{where}: a second metric named {spec['name']!r} (the first is metrics[{seen[spec['name']]}]); "
                             f"remove one, or tell them apart with `name:`")

@@ -213,6 +213,8 @@ def _copy(value):
 def _validate_value(value: Any, key: Key, where: str, problems: list[str]) -> Any:
     if value is None and key.nullable:
         return None
+    if value is False and key.kind == "str" and "off" in (*key.choices, key.default):
+        value = "off"  # YAML 1.1 reads an unquoted `off` as false
     ok, value = _kind_ok(key.kind, value)
     if not ok:
         problems.append(f"{where}: expected {KIND_NAMES[key.kind]}, got {short(value)}")

@@ -83,7 +83,10 @@ def describe(batch: Any) -> str:
     if isinstance(batch, dict):
         return "dict(" + ", ".join(f"{k}: {describe(v)}" for k, v in batch.items()) + ")"
     if isinstance(batch, (list, tuple)):
-        return f"{type(batch).__name__}(" + ", ".join(describe(v) for v in batch) + ")"
+        parts = [describe(v) for v in batch]
+        if len(parts) > 4 and len(set(parts)) == 1:  # 32 strings of a batch: say so once
+            return f"{type(batch).__name__}({len(parts)} x {parts[0]})"
+        return f"{type(batch).__name__}(" + ", ".join(parts) + ")"
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         return f"{type(batch).__name__}(" + ", ".join(f"{f.name}: {describe(getattr(batch, f.name))}"
                                                       for f in dataclasses.fields(batch)) + ")"

@@ -335,4 +335,4 @@ def test_damaged_checkpoint_contents_exit_2_in_one_line(tmp_path, run_dir, capsy
     if case == "no config":
         code, err = run_main(test_script, ["-r", str(path)], capsys)
         assert code == 2 and err.strip().splitlines() == [f"error: {path}: {key} is missing "
-                                                          "(a checkpoint written by another tool?)"], err
+                                                          "(a checkpoint written by another tool?); pass a config with -c CONFIG"], err

@@ -78,8 +78,14 @@ class EpochMetrics:
         """Add one batch of `n` samples (`output`, `target` as the step returned them)."""
         if isinstance(output, torch.Tensor):
             output = output.detach()
-        for _, fn, mean in self.functions:
-            mean.add(fn(output, target), n)
+        for name, fn, mean in self.functions:
+            value = fn(output, target)
+            try:
+                mean.add(value, n)
+            except (RuntimeError, TypeError, ValueError):
+                shape = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)[:60]
+                raise ValueError(f"metric {name!r} returned {shape}; a function metric returns one number per batch "
+                                 f"(the batch mean)") from None
         for _, metric in self.objects:
             metric.update(output, target)
 

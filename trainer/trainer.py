@@ -91,6 +91,9 @@ class Trainer(BaseTrainer):
         TensorBoard's sample views show; default: the batch's first tensor) and "batch_size" (default: the
         first tensor's first dimension). Runs in training (model.train(), gradients on) and in evaluation
         (model.eval(), torch.no_grad()) alike. The default expects (input, target) batches."""
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ConfigError(f"the default Trainer.step expects (input, target) batches, got {describe(batch)}; "
+                              f"override step(self, batch) in a Trainer subclass (README: Your own training step)")
         data, target = batch
         output = self.model(data)
         return {"loss": self.criterion(output, target), "output": output, "target": target}
