@@ -1,9 +1,18 @@
 """SIGINT/SIGTERM: the first asks the loop to stop after the current step (and save); a second
 SIGINT raises KeyboardInterrupt at once. Checkpoint writes are atomic, so neither corrupts a file.
+
+`timeout`, Slurm's scancel, systemd and Ctrl-C signal the whole process group, DataLoader workers
+included. Those signals are the main process's to act on: workers ignore them (`ignore_in_worker`),
+else a worker dies of the signal and torch raises `DataLoader worker ... killed by signal` in the
+main process wherever it is, instead of the stop handler saving a checkpoint.
 """
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
+from typing import Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopSignal:
@@ -12,8 +21,8 @@ class StopSignal:
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopSignal":
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.getsignal(signum)
+        for signum in STOP_SIGNALS:
+            self._previous.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, self._handle)
         return self
 
@@ -29,7 +38,38 @@ class StopSignal:
     def requested(self) -> bool:
         return self.signum is not None
 
+    def finish(self) -> None:
+        """Training has finished and its last checkpoint is written: from here on SIGINT/SIGTERM are
+        ignored, so a late one (a scheduler's time limit, Ctrl-C during the summary) cannot turn the
+        completed run into exit 130/143."""
+        for signum in STOP_SIGNALS:
+            self._previous.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, signal.SIG_IGN)
+
     def uninstall(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+@contextmanager
+def deferred_in_children() -> Iterator[None]:
+    """Block SIGINT/SIGTERM in this thread while DataLoader workers are forked.
+
+    A child inherits the mask, so a signal sent to the group before the worker ran `ignore_in_worker`
+    stays pending there (and ignoring it discards it) instead of killing it. Here, a signal that
+    arrived meanwhile is delivered when the block ends, to whatever handler is installed.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_in_worker() -> None:
+    """In a DataLoader worker: leave SIGINT/SIGTERM to the main process, which stops the workers itself
+    (a worker that really dies, of SIGKILL or the OOM killer, is still reported as an error)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
