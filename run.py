@@ -10,6 +10,7 @@ from config import check_config, load_config
 from config.files import apply_overrides
 from config.schema import is_known_path
 from errors import ConfigError
+from runtime.signals import StopSignal
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -46,7 +47,12 @@ def _resolve_config(args: argparse.Namespace):
     return config, {"state": state, "path": path, "notes": notes}, run_dir, suffix
 
 
-def train_run(args: argparse.Namespace) -> int:
+def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
+    """Installs `stop` when training starts. A caller that passes its own uninstalls it (train.py does, to
+    tell a Ctrl-C before training from a second one, and to let a finished run ignore signals up to the
+    process's exit); one made here is uninstalled on return."""
+    own_stop = stop is None
+    stop = StopSignal() if stop is None else stop
     config, resume, run_dir, suffix = _resolve_config(args)
     if args.run_id is not None:  # `--run-id ""` is refused, not taken for "no run id"
         from runtime.run_dir import check_run_id
@@ -68,7 +74,6 @@ def train_run(args: argparse.Namespace) -> int:
                                      init_process_group, shutdown, wrap_model)
     from runtime.run_dir import create_run_dir, write_config
     from runtime.seeding import seed_everything
-    from runtime.signals import StopSignal
     from trainer.callbacks import build_callbacks
 
     cfg = config["trainer"]
@@ -117,7 +122,7 @@ def train_run(args: argparse.Namespace) -> int:
         writer = make_writer(run_dir, cfg["tensorboard"] and dist.is_main, purge_step=purge)
         if not resume:  # once per run, at step 0 (never purged): hyperparameters and config for TensorBoard
             writer.add_run_start(config)
-        stop = StopSignal().install()
+        stop.install()
         trainer = trainer_class(config)(model, criterion, metric_fns, optimizer, config, device, train_loader,
                                         valid_loader, lr_scheduler, run_dir=run_dir, writer=writer, dist=dist,
                                         stop_signal=stop)
@@ -129,8 +134,8 @@ def train_run(args: argparse.Namespace) -> int:
             _apply_resume_overrides(resume["state"]["config"], config, optimizer, lr_scheduler, logger)
         try:
             result = trainer.train()
+            stop.finish()  # from here a late SIGINT/SIGTERM cannot turn the finished run into 130/143
         finally:
-            stop.uninstall()
             writer.close()
         _summary(logger, config, run_dir, trainer, result)
         if dist.enabled:
@@ -140,6 +145,8 @@ def train_run(args: argparse.Namespace) -> int:
         return 0
     finally:
         shutdown()
+        if own_stop:
+            stop.uninstall()
 
 
 def _yaml(config: dict) -> str:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import random
+import signal
+import threading
 from typing import Callable
 
 import numpy as np
@@ -69,13 +71,22 @@ class WorkerSafeDataLoader(DataLoader):
 
     Workers are forked when the iterator is created (every epoch, unless persistent_workers): with
     the signals blocked meanwhile, none can reach a worker before `seed_worker` made it ignore them.
+
+    A worker that does die (SIGKILL, the OOM killer) is reported by `next()`: torch's iterator checks
+    its workers whenever a fetch fails or waits 5 s. torch's SIGCHLD handler, which raised the same
+    error wherever the main process was (inside a checkpoint write, or while reporting that error),
+    is not kept.
     """
 
     def __iter__(self):
         if self.num_workers == 0:
             return super().__iter__()
+        sigchld = signal.getsignal(signal.SIGCHLD)
         with signals.deferred_in_children():
-            return super().__iter__()
+            iterator = super().__iter__()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCHLD, sigchld)
+        return iterator
 
 
 class BaseDataLoader(WorkerSafeDataLoader):

@@ -8,7 +8,9 @@ main process wherever it is, instead of the stop handler saving a checkpoint.
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -68,8 +70,22 @@ def deferred_in_children() -> Iterator[None]:
 
 
 def ignore_in_worker() -> None:
-    """In a DataLoader worker: leave SIGINT/SIGTERM to the main process, which stops the workers itself
-    (a worker that really dies, of SIGKILL or the OOM killer, is still reported as an error)."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    """In a DataLoader worker: leave SIGINT/SIGTERM sent to the process group to the main process, which
+    stops the workers itself (a worker that really dies, of SIGKILL or the OOM killer, is still an error).
+
+    SIGTERM from the main process itself is still obeyed: multiprocessing terminates daemon workers
+    at exit and then waits for them, forever if they ignored it. Python handlers cannot see who sent a
+    signal, so SIGTERM stays blocked and a thread takes it with its sender (torch's own worker handler
+    draws the same line).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # also without deferred_in_children
+    parent = os.getppid()
+
+    def obey_parent_only() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)  # a clean exit, like torch's handler: a signal death would be reported as a failure
+
+    threading.Thread(target=obey_parent_only, name="sigterm-from-parent", daemon=True).start()
