@@ -9,6 +9,7 @@ from pathlib import Path
 from config import load_config, resolve_config
 from config.files import plain_tree
 from errors import ConfigError, UserError
+from runtime.signals import StopSignal
 
 # What a checkpoint's state belongs to: changing it on resume cannot carry the state over (an Adam
 # checkpoint holds no SGD momentum, a scheduler's state is its own class's attributes).
@@ -75,7 +76,12 @@ def _refuse_type_changes(saved: dict, config: dict, path: Path) -> None:
         raise ConfigError(problems)
 
 
-def train_run(args: argparse.Namespace) -> int:
+def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
+    """Installs `stop` when training starts. A caller that passes its own uninstalls it (train.py does, to
+    tell a Ctrl-C before training from a second one, and to let a finished run ignore signals up to the
+    process's exit); one made here is uninstalled on return."""
+    own_stop = stop is None
+    stop = StopSignal() if stop is None else stop
     config, resume, run_dir, suffix = _resolve_config(args)
     if args.run_id is not None:  # `--run-id ""` is refused, not taken for "no run id"
         from runtime.run_dir import check_run_id
@@ -97,7 +103,6 @@ def train_run(args: argparse.Namespace) -> int:
                                      init_process_group, shutdown, wrap_model)
     from runtime.run_dir import RunLock, create_run_dir, write_config
     from runtime.seeding import seed_everything
-    from runtime.signals import StopSignal
     from trainer.callbacks import build_callbacks
 
     cfg = config["trainer"]
@@ -166,7 +171,7 @@ def train_run(args: argparse.Namespace) -> int:
         writer = make_writer(run_dir, cfg["tensorboard"] and dist.is_main, purge_step=purge)
         if not resume:  # once per run, at step 0 (never purged): hyperparameters and config for TensorBoard
             writer.add_run_start(config)
-        stop = StopSignal().install()
+        stop.install()
         trainer = trainer_class(config)(model, criterion, metric_fns, optimizer, config, device, train_loader,
                                         valid_loader, lr_scheduler, run_dir=run_dir, writer=writer, dist=dist,
                                         stop_signal=stop)
@@ -179,8 +184,8 @@ def train_run(args: argparse.Namespace) -> int:
                 _apply_resume_overrides(resume["saved"], config, optimizer, lr_scheduler, logger)
         try:
             result = trainer.train()
+            stop.finish()  # from here a late SIGINT/SIGTERM cannot turn the finished run into 130/143
         finally:
-            stop.uninstall()
             writer.close()
         _summary(logger, config, run_dir, trainer, result)
         if dist.enabled:
@@ -192,6 +197,8 @@ def train_run(args: argparse.Namespace) -> int:
         if lock is not None:
             lock.release()
         shutdown()
+        if own_stop:
+            stop.uninstall()
 
 
 def _yaml(config: dict) -> str:

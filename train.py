@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
-from errors import Interrupted, TrainingError, UserError, problem_lines
+from errors import Interrupted, TrainingError, UserError, one_line, problem_lines
+from runtime.signals import StopSignal
 
 EPILOG = """overrides: key.path=value after the options, e.g. trainer.epochs=3 optimizer.args.lr=0.01
 (values use YAML scalar rules; list items by index: metrics.0=accuracy).
@@ -34,12 +36,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def _worker_died(exc: BaseException) -> bool:
+    """A DataLoader worker was killed (SIGKILL, the OOM killer). The iterator's `next()` says so in a
+    RuntimeError or, if it was reading from that worker, re-raises the pipe's error."""
+    if isinstance(exc, RuntimeError):
+        return str(exc).startswith("DataLoader worker")
+    return any("torch/utils/data/" in frame.filename for frame in traceback.extract_tb(exc.__traceback__))
+
+
+def main(argv: list[str] | None = None, *, process_exits: bool = False) -> int:
+    """`process_exits`: the process ends when this returns (`python train.py`). A finished run then keeps
+    ignoring SIGINT/SIGTERM until it has exited; a caller in the same process gets its handlers back."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    stop = StopSignal()  # installed when training starts
     try:
         from run import train_run
 
-        return train_run(args)
+        return train_run(args, stop)
     except (UserError, TrainingError) as exc:
         for line in problem_lines(exc):
             print(f"error: {line}", file=sys.stderr)
@@ -47,11 +60,24 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
+    except (RuntimeError, ConnectionError, EOFError) as exc:
+        if not _worker_died(exc):
+            raise
+        # Every checkpoint write is atomic: the files on disk are whole.
+        reason = one_line(str(exc)) if isinstance(exc, RuntimeError) else f"a DataLoader worker died ({exc!r})"
+        print(f"error: {reason}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted (second Ctrl-C): stopped at once; the newest checkpoint on disk is intact",
-              file=sys.stderr)
+        if stop.requested:
+            print("interrupted (second Ctrl-C): stopped at once; the newest checkpoint on disk is intact",
+                  file=sys.stderr)
+        else:  # the stop handler was not installed yet: training had not started
+            print("interrupted before training started; no checkpoint was written", file=sys.stderr)
         return 130
+    finally:
+        if not process_exits:
+            stop.uninstall()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(process_exits=True))

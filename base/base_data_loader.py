@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import random
+import signal
+import threading
 from typing import Callable
 
 import numpy as np
@@ -10,10 +12,13 @@ from torch.utils.data.dataloader import default_collate
 
 from data_loader.datasets import StackedBatch
 from data_loader.sampler import EpochSampler, mix_seed
+from runtime import signals
 
 
 def seed_worker(worker_id: int) -> None:
-    """torch seeds each worker with base_seed + worker_id; NumPy and `random` need the same."""
+    """torch seeds each worker with base_seed + worker_id; NumPy and `random` need the same.
+    A worker also leaves SIGINT/SIGTERM sent to the process group to the main process."""
+    signals.ignore_in_worker()
     seed = torch.initial_seed()
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -60,7 +65,31 @@ def split_indices(n: int, validation_split: float | int, seed: int) -> tuple[tor
     return order[n_valid:].sort().values, order[:n_valid].sort().values
 
 
-class BaseDataLoader(DataLoader):
+class WorkerSafeDataLoader(DataLoader):
+    """A DataLoader whose workers survive SIGINT/SIGTERM sent to the process group (`timeout`, Slurm,
+    systemd, Ctrl-C), so the main process can save and exit 130/143 (see runtime/signals.py).
+
+    Workers are forked when the iterator is created (every epoch, unless persistent_workers): with
+    the signals blocked meanwhile, none can reach a worker before `seed_worker` made it ignore them.
+
+    A worker that does die (SIGKILL, the OOM killer) is reported by `next()`: torch's iterator checks
+    its workers whenever a fetch fails or waits 5 s. torch's SIGCHLD handler, which raised the same
+    error wherever the main process was (inside a checkpoint write, or while reporting that error),
+    is not kept.
+    """
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        sigchld = signal.getsignal(signal.SIGCHLD)
+        with signals.deferred_in_children():
+            iterator = super().__iter__()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCHLD, sigchld)
+        return iterator
+
+
+class BaseDataLoader(WorkerSafeDataLoader):
     """A DataLoader with a deterministic validation split and a (seed, epoch)-ordered sampler.
 
     Subclasses build their Dataset and call `super().__init__`, as in pytorch-template. Pass
@@ -108,5 +137,5 @@ class BaseDataLoader(DataLoader):
             return None
         sampler = EpochSampler(self.valid_indices, shuffle=False, rank=self.sampler.rank,
                                world_size=self.sampler.world_size, pad=False)
-        return DataLoader(self.valid_dataset, sampler=sampler, generator=torch.Generator().manual_seed(0),
+        return WorkerSafeDataLoader(self.valid_dataset, sampler=sampler, generator=torch.Generator().manual_seed(0),
                           **self._loader_kwargs)
