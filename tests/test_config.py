@@ -350,6 +350,7 @@ def test_bad_configs_end_to_end_without_traceback(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
+@pytest.mark.slow
 def test_resolved_config_is_stored_in_run_dir_and_checkpoint(tmp_path, monkeypatch, capsys):
     """The config written next to the run and inside every checkpoint equals --print-config's."""
     path = write_config(tmp_path, BASE, ".json")
@@ -374,6 +375,7 @@ PROJECT = ["base", "model", "data_loader", "trainer", "logger", "config", "check
            "train.py", "run.py", "errors.py"]
 
 
+@pytest.mark.slow
 def test_a_new_module_in_model_is_found(tmp_path):
     project = tmp_path / "project"
     for name in PROJECT:

@@ -172,6 +172,7 @@ def test_missing_data_through_train_py(tmp_path):
     assert not (tmp_path / "saved").exists()
 
 
+@pytest.mark.slow
 def test_unreadable_image_in_a_worker_is_one_line_exit_2(tmp_path):
     # torch re-raises a worker's exception with the worker's traceback inside the message:
     # train.py must still print one line naming the file, and exit 2.

@@ -24,7 +24,8 @@ from conftest import PYTHON, ROOT, run_script
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 TORCHRUN = Path(PYTHON).with_name("torchrun")
-pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to the interpreter")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to the interpreter")]
 
 # Equivalence: 1437 digits - 145 validation = 1292 training samples = 19 batches of 68, so every
 # step of the 2-process run (2 x 34) sees exactly the samples of the 1-process step (1 x 68): no

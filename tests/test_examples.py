@@ -23,6 +23,8 @@ from conftest import PYTHON, ROOT, run_script
 from checkpoint import load_checkpoint
 from errors import CheckpointError
 
+pytestmark = pytest.mark.slow  # the quick subset (-m "not slow") leaves these out
+
 SECTION = "## Examples beyond classification"
 TORCHRUN = Path(PYTHON).with_name("torchrun")
 

@@ -144,6 +144,7 @@ def damage_zip64_locator(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [flip_directory_bit, damage_zip64_locator])
+@pytest.mark.slow
 def test_resume_falls_back_past_a_bit_flipped_last_and_test_py_exits_2(tmp_path, run_dir, damage):
     """Two train.py runs and one test.py run, about 15 s."""
     run = copy_run(run_dir, tmp_path / "run")

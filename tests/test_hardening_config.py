@@ -181,6 +181,7 @@ def test_type_change_on_resume_is_refused_before_anything_is_written(change, mes
 
 # ---- item 7: one process per run directory ------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_while_the_run_trains_is_refused(tmp_path):
     save_dir = tmp_path / "saved"
     run_dir = save_dir / "digits" / "busy"

@@ -12,8 +12,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from conftest import PYTHON, ROOT
 from checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow  # the quick subset (-m "not slow") leaves these out
 
 TRIALS = 20
 SEED = int.from_bytes(os.urandom(4), "little")  # in failure messages: rerun with the same moments

@@ -206,6 +206,7 @@ def test_real_tensorboard_server_serves_what_training_logged(run, tmp_path):
         assert metric[0]["value"] == pytest.approx(best["monitor_best"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_has_one_value_per_step_in_every_series(run, tmp_path):
     """A finished run (a copy) rewound to its epoch-1 checkpoint leaves orphaned events at every later
     step; that session is killed with SIGKILL after a mid-epoch save; a second resume finishes.
@@ -321,6 +322,7 @@ def test_end_of_run_summary(run):
     assert f"tensorboard --logdir {save_dir}" in tail
 
 
+@pytest.mark.slow
 def test_progress_bars_on_a_terminal(tmp_path):
     import fcntl
     import struct

@@ -25,6 +25,8 @@ import torch
 from conftest import PYTHON, ROOT
 from checkpoint import load_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.slow  # the quick subset (-m "not slow") leaves these out
+
 CONFIG = str(ROOT / "configs" / "digits.yaml")
 EPOCHS, BATCH = 3, 64
 KILL_SEED = int.from_bytes(os.urandom(4), "little")  # printed in failures: rerun with the same moments

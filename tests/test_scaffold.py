@@ -81,6 +81,7 @@ def shipped_run(name: str, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.slow
 def test_shipped_config_trains(name, tmp_path_factory):
     run_dir = shipped_run(name, tmp_path_factory)
     state = _load(run_dir / "checkpoints" / "last.pth")
@@ -150,6 +151,7 @@ def quickstart(tmp_path_factory) -> dict:
     return {"run_dir": run_dir, "seconds": seconds, "stdout": proc.stdout, "cwd": cwd}
 
 
+@pytest.mark.slow
 def test_quickstart_reaches_095(quickstart):
     run_dir = quickstart["run_dir"]
     best = _load(run_dir / "checkpoints" / "best.pth")
@@ -162,6 +164,7 @@ def test_quickstart_reaches_095(quickstart):
     assert f"python test.py -r {run_dir / 'checkpoints' / 'best.pth'}" in quickstart["stdout"]
 
 
+@pytest.mark.slow
 def test_test_py_end_to_end(quickstart, tmp_path):
     best = quickstart["run_dir"] / "checkpoints" / "best.pth"
     proc = run_script("test.py", "-r", str(best), cwd=tmp_path, check=True)

@@ -499,6 +499,7 @@ def test_deterministic_flag_turns_on_deterministic_algorithms(tmp_path):
 
 
 # ---- 10. torch.compile --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_compiled_run_saves_eager_keys_and_resumes_eagerly(tmp_path):
     # One step (64 samples, one batch): compiling forward and backward on the CPU costs ~20 s cold.
     config = tiny(batch_size=64)
