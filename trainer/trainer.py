@@ -138,6 +138,7 @@ class Trainer(BaseTrainer):
             self.train_metrics.reset()
         self.epoch_running = True
         self._last_out = None
+        self._views_of_last_batch = self.images and self.valid_data_loader is None
         progress = Progress(loader, total, f"epoch {epoch}", self.dist.is_main and self.verbosity > 0,
                             initial=self.batch_in_epoch)
         progress.postfix = self._running_means
@@ -168,7 +169,8 @@ class Trainer(BaseTrainer):
         self._real_left -= n
         self.batch_in_epoch = batch_idx + 1
         self.samples_in_epoch += n * self.dist.world_size
-        self._last_out = (out, batch)
+        if self.batch_in_epoch == total and self._views_of_last_batch:
+            self._last_out = (out, batch)  # only the last: holding each step's output keeps its graph alive
 
     def _update_train_metrics(self, out: dict, n: int) -> None:
         real = min(n, self._real_left)
@@ -204,7 +206,7 @@ class Trainer(BaseTrainer):
                 self.writer.add_histogram(f"weights/{name}", param.detach(), self.global_step)
                 if param.grad is not None:
                     self.writer.add_histogram(f"grads/{name}", param.grad.detach(), self.global_step)
-        if self.valid_data_loader is None and self._last_out is not None and self.images:
+        if self._last_out is not None:
             out, batch = self._last_out  # without validation, the views show the epoch's last batch
             views = SampleViews(out.get("batch_size") or batch_size(batch))
             views.collect(*self._view_parts(out, batch))
