@@ -94,7 +94,7 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
     import torch
 
     from base import model_summary
-    from checkpoint import check_optimizer_fits, sweep_temporaries
+    from checkpoint import check_optimizer_fits, check_scheduler_fits, sweep_temporaries
     from config.build import (build_data_loaders, build_loss, build_lr_scheduler, build_metrics, build_model,
                               build_optimizer, trainer_class)
     from logger import make_writer, setup_logging
@@ -121,6 +121,8 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
         if resume:
             check_optimizer_fits(resume["state"]["optimizer"], optimizer, resume["path"])
         lr_scheduler = build_lr_scheduler(config.get("lr_scheduler"), optimizer)
+        if resume:
+            check_scheduler_fits(resume["state"]["lr_scheduler"], lr_scheduler, resume["path"])
         criterion, metric_fns = build_loss(config), build_metrics(config)
         build_callbacks(config, model)  # trainer.watch/freeze module names are checked before anything is written
         if args.dry_run:

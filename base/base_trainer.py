@@ -106,6 +106,8 @@ class BaseTrainer(metaclass=ABCMeta):
                 self.batch_in_epoch = self.samples_in_epoch = 0
                 self._save_epoch(epoch, improved)
                 if self._stop_requested():
+                    if self.stop_signal is not None:
+                        self.stop_signal.finish()  # saved: a further signal has nothing left to stop
                     raise Interrupted(self.stop_signal.signum, f"stopped by signal at epoch {epoch} end; "
                                                                f"checkpoint saved")
                 if self.early_stop and self.not_improved_count >= self.early_stop:

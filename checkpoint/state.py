@@ -60,13 +60,20 @@ def load_model_state(model: nn.Module, state_dict: dict, strict: bool = True, so
     mismatched = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in expected if k in state_dict and hasattr(state_dict[k], "shape")
                   and state_dict[k].shape != expected[k].shape]
+    # load_state_dict casts silently: float16 into float32 is a fair conversion, integers into float weights
+    # (or floats into integer buffers) are garbage.
+    kinds = [f"{k} {str(state_dict[k].dtype).removeprefix('torch.')} vs model "
+             f"{str(expected[k].dtype).removeprefix('torch.')}"
+             for k in expected if k in state_dict and isinstance(state_dict[k], torch.Tensor)
+             and state_dict[k].is_floating_point() != expected[k].is_floating_point()]
     notes = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)):
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched),
+                        ("dtype-mismatched", kinds)):
         if keys:
             shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
             notes.append(f"{label} keys: {shown}")
     if notes and strict:
         raise CheckpointError(f"{source}: the checkpoint does not fit {type(model).__name__}: " + "; ".join(notes))
-    bad = set(unexpected) | {m.split(" ")[0] for m in mismatched}
+    bad = set(unexpected) | {m.split(" ")[0] for m in mismatched + kinds}
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in bad}, strict=strict)
     return notes

@@ -143,3 +143,42 @@ def check_optimizer_fits(saved: dict, optimizer: torch.optim.Optimizer, path: st
     ids = [p for g in groups for p in g["params"]]
     if len(set(ids)) != len(ids) or not set(state) <= set(ids) or not all(isinstance(v, dict) for v in state.values()):
         raise CheckpointError(f"{path}: 'optimizer.state' does not match 'optimizer.param_groups' parameter ids")
+    for index, (group, live) in enumerate(zip(groups, optimizer.param_groups)):
+        for key, value in live.items():
+            if key != "params" and key in group and not _same_kind(group[key], value):
+                raise CheckpointError(f"{path}: 'optimizer.param_groups[{index}].{key}' is {group[key]!r}, "
+                                      f"{type(optimizer).__name__} expects a value like {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) or isinstance(value, torch.Tensor) and value.numel() == 1
+
+
+def _same_kind(saved: Any, live: Any) -> bool:
+    """Could `saved` stand where the freshly built object holds `live`? A finite number for a number (a
+    one-element tensor too: capturable lr), a sequence of the same length, the same kind otherwise."""
+    if live is None or saved is None:
+        return True  # optional settings (foreach, fused, ...) left to the optimizer
+    if isinstance(live, bool) or isinstance(saved, bool):
+        return isinstance(live, bool) and isinstance(saved, bool)
+    if _is_number(live):
+        return _is_number(saved) and bool(torch.isfinite(torch.as_tensor(saved, dtype=torch.float64)).all())
+    if isinstance(live, (tuple, list)):
+        return isinstance(saved, (tuple, list)) and len(saved) == len(live) and all(map(_same_kind, saved, live))
+    if isinstance(live, dict):
+        return isinstance(saved, dict)
+    return type(saved) is type(live)
+
+
+def check_scheduler_fits(saved: Any, scheduler, path: str | Path) -> None:
+    """The saved LR scheduler state must belong to the scheduler the config builds: present when there is
+    one, with each of its values of the kind the fresh scheduler holds."""
+    if scheduler is None:
+        return
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: 'lr_scheduler' is {saved!r} but the config builds "
+                              f"{type(scheduler).__name__}: its state would restart silently")
+    for key, value in scheduler.state_dict().items():
+        if key in saved and not _same_kind(saved[key], value):
+            raise CheckpointError(f"{path}: 'lr_scheduler.{key}' is {saved[key]!r}, {type(scheduler).__name__} "
+                                  f"expects a value like {value!r}")

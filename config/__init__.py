@@ -168,6 +168,9 @@ def _check_metrics(metrics: list, problems: list[str]) -> bool:
                 except Exception as exc:  # noqa: BLE001 - any constructor error is this entry's problem
                     problems.append(f"{where}.args: {target.__name__}: {' '.join(str(exc).split())}")
                     ok = False
+        if spec["name"] == "loss" or spec["name"].startswith("val_"):
+            problems.append(f"{where}: the name {spec['name']!r} is the run's own (loss, val_*): pick another `name:`")
+            ok = False
         if spec["name"] in seen:
             problems.append(f"{where}: a second metric named {spec['name']!r} (the first is metrics[{seen[spec['name']]}]); "
                             f"remove one, or tell them apart with `name:`")

@@ -337,3 +337,32 @@ def test_damaged_checkpoint_contents_exit_2_in_one_line(tmp_path, run_dir, capsy
         code, err = run_main(test_script, ["-r", str(path)], capsys)
         assert code == 2 and err.strip().splitlines() == [f"error: {path}: {key} is missing "
                                                           "(a checkpoint written by another tool?); pass a config with -c CONFIG"], err
+
+
+def test_hand_edited_optimizer_scheduler_and_weights_are_refused_not_cast(tmp_path):
+    """Found by a red-team trial: values of the wrong kind in param groups or the scheduler state failed
+    mid-run with a traceback, and a missing scheduler state or integer weights loaded silently."""
+    import torch.nn as nn
+
+    from checkpoint import check_optimizer_fits, check_scheduler_fits, load_model_state
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+    check_optimizer_fits(optimizer.state_dict(), optimizer, "ok.pth")
+    check_scheduler_fits(scheduler.state_dict(), scheduler, "ok.pth")
+    for key, value, message in (("betas", (0.9,), "betas' is \\(0.9,\\)"), ("lr", "x", "lr' is 'x'"),
+                                ("lr", float("nan"), "lr' is nan")):
+        saved = optimizer.state_dict()
+        saved["param_groups"][0][key] = value
+        with pytest.raises(CheckpointError, match=f"bad.pth: 'optimizer.param_groups\\[0\\].{message}"):
+            check_optimizer_fits(saved, optimizer, "bad.pth")
+    bad = {**scheduler.state_dict(), "last_epoch": "a"}
+    with pytest.raises(CheckpointError, match="'lr_scheduler.last_epoch' is 'a'"):
+        check_scheduler_fits(bad, scheduler, "bad.pth")
+    with pytest.raises(CheckpointError, match="'lr_scheduler' is None but the config builds StepLR"):
+        check_scheduler_fits(None, scheduler, "bad.pth")
+    weights = {**model.state_dict(), "weight": model.weight.detach().long()}
+    with pytest.raises(CheckpointError, match="dtype-mismatched keys: weight int64 vs model float32"):
+        load_model_state(nn.Linear(3, 2), weights, source="bad.pth")
+    load_model_state(nn.Linear(3, 2), {k: v.half() for k, v in model.state_dict().items()})  # a fair cast

@@ -465,3 +465,10 @@ def test_a_regression_run_shows_predicted_against_true_in_tensorboard(tmp_path):
     images = events.Images("samples/val")
     assert len(images) == 2 and images[0].width == 256
     assert {"r2_score/val", "mean_absolute_error/val", "r2_score/train"} <= set(events.Tags()["scalars"])
+
+
+def test_a_metric_cannot_take_the_name_of_the_loss(tmp_path):
+    for name in ("loss", "val_accuracy"):
+        with pytest.raises(ConfigError, match=f"the name '{name}' is the run's own"):
+            make_config(tmp_path, ["accuracy", {"type": "MulticlassAccuracy", "args": {"num_classes": 3},
+                                                "name": name}])

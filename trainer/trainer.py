@@ -300,6 +300,7 @@ class Trainer(BaseTrainer):
     def _stop_now(self, epoch: int) -> None:
         """A signal reached a rank: save this step on every rank alike, then exit 128 + signal."""
         self.save_mid_epoch()
+        self.stop_signal.finish()  # saved: a further signal has nothing left to stop (and no traceback)
         raise Interrupted(self.stop_signal.signum,
                           f"stopped by signal at epoch {epoch}, step {self.global_step}; checkpoint saved")
 
@@ -392,8 +393,7 @@ class Trainer(BaseTrainer):
         return bool(stop)
 
     def _raise_nonfinite(self, step: int) -> None:
-        raise TrainingError(f"non-finite loss at step {step} (epoch {self.epoch}); checkpoints on disk are from "
-                            f"before it")
+        raise TrainingError(f"non-finite loss at step {step} (epoch {self.epoch}); {self._kept()}")
 
     def _diagnose_nonfinite(self, step: int, gradients: bool = True) -> None:
         """Before a checkpoint: raise if the weights, buffers or optimizer state after step `step`, or (when
@@ -421,8 +421,12 @@ class Trainer(BaseTrainer):
         hint = {"weights": " (a non-finite gradient, or a learning rate far too large?)",
                 "buffer": " (trainer.allow_nonfinite_buffers lets a buffer hold inf or NaN on purpose)",
                 "optimizer": " (gradients too large for the optimizer's statistics: clip them, or lower the lr?)"}
-        raise TrainingError(f"non-finite {what}{hint.get(what.split()[0], '')}; checkpoints on disk are from "
-                            f"before it")
+        raise TrainingError(f"non-finite {what}{hint.get(what.split()[0], '')}; {self._kept()}")
+
+    def _kept(self) -> str:
+        if self.checkpoint_dir is not None and (self.checkpoint_dir / "last.pth").exists():
+            return "checkpoints on disk are from before it"
+        return "no checkpoint was written"
 
     def checkpoint_state(self, epoch_finished: bool) -> dict:
         # All ranks are here (a collective call) and hold equally many waiting losses (equal batch counts):
