@@ -8,7 +8,7 @@ from pathlib import Path
 
 from config import load_config, resolve_config
 from config.files import plain_tree
-from errors import ConfigError, UserError
+from errors import ConfigError, Interrupted, UserError
 from runtime.signals import StopSignal
 
 # What a checkpoint's state belongs to: changing it on resume cannot carry the state over (an Adam
@@ -77,9 +77,10 @@ def _refuse_type_changes(saved: dict, config: dict, path: Path) -> None:
 
 
 def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
-    """Installs `stop` when training starts. A caller that passes its own uninstalls it (train.py does, to
-    tell a Ctrl-C before training from a second one, and to let a finished run ignore signals up to the
-    process's exit); one made here is uninstalled on return."""
+    """Installs `stop` when training starts (train.py installs it at once). A signal before anything is
+    written stops the run there; later ones stop it at the next step, with a checkpoint. A caller that
+    passes its own uninstalls it (train.py lets a finished run ignore signals up to the process's exit);
+    one made here is uninstalled on return."""
     own_stop = stop is None
     stop = StopSignal() if stop is None else stop
     config, resume, run_dir, suffix = _resolve_config(args)
@@ -125,6 +126,8 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
             check_scheduler_fits(resume["state"]["lr_scheduler"], lr_scheduler, resume["path"])
         criterion, metric_fns = build_loss(config), build_metrics(config)
         build_callbacks(config, model)  # trainer.watch/freeze module names are checked before anything is written
+        if stop.requested and not dist.enabled:  # (under torchrun the ranks agree at the first check point)
+            raise Interrupted(stop.signum, "interrupted before training started; no checkpoint was written")
         if args.dry_run:
             trainer = trainer_class(config)(model, criterion, metric_fns, optimizer, config, device, train_loader,
                                             valid_loader, lr_scheduler)

@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None, *, process_exits: bool = False) -> int:
     """`process_exits`: the process ends when this returns (`python train.py`). A finished run then keeps
     ignoring SIGINT/SIGTERM until it has exited; a caller in the same process gets its handlers back."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    stop = StopSignal()  # installed when training starts
+    # Installed now: a signal during startup is recorded, not raised as KeyboardInterrupt inside torch's
+    # import (a C++ callback there aborts the process); run.py stops before writing anything.
+    stop = StopSignal().install()
     try:
         from run import train_run
 
