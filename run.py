@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
+import time
+import traceback
 from pathlib import Path
 
 from config import load_config, resolve_config
 from config.files import plain_tree
-from errors import ConfigError, Interrupted, UserError
+from errors import ConfigError, Interrupted, TrainingError, UserError
 from runtime.signals import StopSignal
 
 # What a checkpoint's state belongs to: changing it on resume cannot carry the state over (an Adam
@@ -23,7 +27,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     if args.bs is not None:
         extra.append(f"data_loader.args.batch_size={args.bs}")
     if args.device is not None:
-        extra.append(f"device={args.device}")
+        from runtime.device import device_option
+
+        extra.append(f"device={device_option(args.device)}")
     return list(args.overrides) + extra
 
 
@@ -84,6 +90,11 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
     own_stop = stop is None
     stop = StopSignal() if stop is None else stop
     config, resume, run_dir, suffix = _resolve_config(args)
+    if resume and not args.print_config:
+        done = _finished(resume["state"], config, run_dir or resume["path"])
+        if done:
+            print(done)
+            return 0
     if args.run_id is not None:  # `--run-id ""` is refused, not taken for "no run id"
         from runtime.run_dir import check_run_id
 
@@ -105,6 +116,7 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
     from runtime.run_dir import RunLock, create_run_dir, write_config
     from runtime.seeding import seed_everything
     from trainer.callbacks import build_callbacks
+    from trainer.sanity import sanity_pass
 
     cfg = config["trainer"]
     dist = distributed_context(config.get("n_gpu"))
@@ -126,12 +138,16 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
             check_scheduler_fits(resume["state"]["lr_scheduler"], lr_scheduler, resume["path"])
         criterion, metric_fns = build_loss(config), build_metrics(config)
         build_callbacks(config, model)  # trainer.watch/freeze module names are checked before anything is written
+        notes = _check_steps(train_loader, config, dist)
+        # The first batches through the trainer's own step, loss and metrics (forward only, no trace left).
+        probe = trainer_class(config)(model, criterion, metric_fns, optimizer, config, device, train_loader,
+                                      valid_loader, lr_scheduler)
+        sanity_pass(probe)
         if stop.requested and not dist.enabled:  # (under torchrun the ranks agree at the first check point)
             raise Interrupted(stop.signum, "interrupted before training started; no checkpoint was written")
         if args.dry_run:
-            trainer = trainer_class(config)(model, criterion, metric_fns, optimizer, config, device, train_loader,
-                                            valid_loader, lr_scheduler)
-            return _dry_run(trainer, config, args, run_dir)
+            return _dry_run(probe, config, args, run_dir)
+        del probe
 
         # ---- side effects start here ----
         # The lock comes first: a second train.py on this run directory must not sweep the other's
@@ -157,6 +173,8 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
                 logger.info(f"removed {temp.name} left by an interrupted save")
             write_config(config, run_dir, suffix)
         logger.info(f"run directory: {run_dir}")
+        for note in notes:
+            logger.warning(f"warning: {note}")
         logger.info(model_summary(model))
         if dist.enabled:
             model, converted = wrap_model(model, device, cfg["sync_batchnorm"], find_unused=cfg["freeze"] is not None)
@@ -187,12 +205,19 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
             trainer.resume(resume["state"], source=str(resume["path"]))
             if resume["saved"] is not None:
                 _apply_resume_overrides(resume["saved"], config, optimizer, lr_scheduler, logger)
+        resume_command = _resume_command(run_dir, dist)
+        started = time.monotonic()
         try:
             result = trainer.train()
             stop.finish()  # from here a late SIGINT/SIGTERM cannot turn the finished run into 130/143
+        except Exception as exc:
+            raise _ended(exc, trainer, resume_command) from None
+        except KeyboardInterrupt as exc:
+            _ended(exc, trainer, resume_command)
+            raise
         finally:
             writer.close()
-        _summary(logger, config, run_dir, trainer, result)
+        _summary(logger, config, run_dir, trainer, result, time.monotonic() - started, resume is not None)
         if dist.enabled:
             # Leave together: a rank that tore its process group down while rank 0 was still writing the last
             # checkpoint aborted at exit now and then ("terminate called without an active exception").
@@ -271,13 +296,97 @@ def _dry_run(trainer, config: dict, args: argparse.Namespace, run_dir) -> int:
     return 0
 
 
-def _summary(logger, config: dict, run_dir: Path, trainer, result: dict) -> None:
-    logger.info(f"finished: run directory {run_dir}")
+def _check_steps(loader, config: dict, dist) -> list[str]:
+    """Refuse a run that cannot take an optimizer step; return warnings for one that takes surprising ones."""
+    size, batch = len(loader.sampler), loader.batch_size
+    share = " per process" if dist.enabled else ""
+    if size == 0:
+        raise ConfigError("data_loader: the training split is empty (data_loader.args.validation_split takes "
+                          "every sample?)")
+    if len(loader) == 0:
+        raise ConfigError(f"data_loader.args.batch_size: {batch} with drop_last: true leaves no training batch: "
+                          f"the training split has {size} samples{share}; lower the batch size or set "
+                          f"data_loader.args.drop_last=false")
+    if batch and batch > size:
+        return [f"data_loader.args.batch_size: {batch} is larger than the training split ({size} samples{share}): "
+                f"every epoch is one optimizer step"]
+    return []
+
+
+def _finished(state: dict, config: dict, where) -> str | None:
+    """What to say instead of resuming a run that has nothing left to do, or None."""
+    if not state.get("epoch_finished"):
+        return None
+    epoch, cfg = state["epoch"], config["trainer"]
+    if epoch >= cfg["epochs"]:
+        return (f"{where}: this run already finished its {cfg['epochs']} epochs (step {state['global_step']}); "
+                f"nothing to do. To train it further: python train.py -r {where} trainer.epochs={epoch + 10}")
+    if cfg["early_stop"] and state["not_improved_count"] >= cfg["early_stop"]:
+        return (f"{where}: this run stopped early at epoch {epoch} ({cfg['monitor'].split()[-1]} did not improve "
+                f"for {cfg['early_stop']} epochs); nothing to do. To train it further: python train.py -r {where} "
+                f"trainer.early_stop={cfg['early_stop'] + 5}")
+    return None
+
+
+def _resume_command(run_dir: Path, dist) -> str:
+    launcher = f"torchrun --standalone --nproc_per_node={dist.world_size} " if dist.enabled else "python "
+    return f"{launcher}train.py -r {run_dir}"
+
+
+def _ended(exc: BaseException, trainer, resume_command: str) -> BaseException:
+    """Record in train.log how the run ended and return what train.py turns into the exit status: the
+    reason, and the resume command when a checkpoint holds the run. An error in the user's code becomes one
+    line naming the piece and file:line (TrainingError, exit 1); its traceback goes to train.log (and to
+    the console at trainer.verbosity 2)."""
+    from logger import log_file_only
+    from runtime.blame import describe_error, locate, worker_died
+
+    logger = trainer.logger
+    last = trainer.checkpoint_dir / "last.pth" if trainer.checkpoint_dir is not None else None
+    saved = last is not None and last.exists()
+    where = f"epoch {trainer.epoch}, after step {trainer.global_step}"
+    if isinstance(exc, Interrupted):
+        name = signal.Signals(exc.signum).name if exc.signum in set(signal.Signals) else f"signal {exc.signum}"
+        exc = Interrupted(exc.signum, f"{exc} ({name}); resume: {resume_command}")
+        log_file_only(logger, str(exc), "WARNING")
+        return exc
+    if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: stopped at once
+        log_file_only(logger, f"interrupted (second Ctrl-C) at {where}; the newest checkpoint on disk is intact"
+                      + (f"; resume: {resume_command}" if saved else ""), "WARNING")
+        return exc
+    if isinstance(exc, UserError):
+        log_file_only(logger, f"failed at {where}: {exc}", "ERROR")
+        return exc
+    if isinstance(exc, TrainingError):
+        exc = TrainingError(f"{exc}" + (f"; resume from the newest checkpoint: {resume_command}" if saved else ""))
+    elif worker_died(exc):
+        exc = TrainingError(f"a DataLoader worker died at {where}: {describe_error(exc)}"
+                            + (f"; resume: {resume_command}" if saved else ""))
+    else:
+        logger.debug("".join(traceback.format_exception(exc)).rstrip())  # the console too at verbosity 2
+        piece, at = locate(exc) or ("training", None)
+        exc = TrainingError(f"{piece} failed at {where}{f' ({at})' if at else ''}: {describe_error(exc)}; "
+                            f"traceback in {trainer.run_dir / 'train.log'}"
+                            + (f"; after fixing it, resume: {resume_command}" if saved else ""))
+    log_file_only(logger, str(exc), "ERROR")
+    return exc
+
+
+def _summary(logger, config: dict, run_dir: Path, trainer, result: dict, seconds: float, resumed: bool) -> None:
+    how = "stopped early" if result["early_stopped"] else "finished"
+    logger.info(f"{how}: run directory {run_dir} ({result['epochs_run']} epoch{'s' if result['epochs_run'] != 1 else ''}{' this session' if resumed else ''}, "
+                f"step {trainer.global_step}, {_duration(seconds)})")
     if trainer.monitor_mode != "off" and result["best_epoch"]:
-        logger.info(f"best {trainer.monitor_metric}: {result['monitor_best']:.4f} at epoch {result['best_epoch']}")
+        logger.info(f"best {trainer.monitor_metric}: {result['monitor_best']:.6g} at epoch {result['best_epoch']}")
     checkpoints = run_dir / "checkpoints"
     best = checkpoints / ("best.pth" if (checkpoints / "best.pth").exists() else "last.pth")
     logger.info(f"checkpoints: {checkpoints}")
     logger.info(f"evaluate:    python test.py -r {best}")
     if trainer.writer.enabled:
         logger.info(f"tensorboard: tensorboard --logdir {config['trainer']['save_dir']}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"

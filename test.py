@@ -27,7 +27,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     from checkpoint import check_eval_state, load_checkpoint, load_model_state
     from config import load_config, resolve_config
 
-    overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
+    from runtime.device import device_option
+
+    overrides = list(args.overrides) + ([f"device={device_option(args.device)}"] if args.device else [])
     path = Path(args.resume)
     if path.is_dir():
         path = next((p for p in (path / "checkpoints" / "best.pth", path / "checkpoints" / "last.pth") if p.exists()),

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
 from errors import Interrupted, TrainingError, UserError, one_line, problem_lines
 from runtime.signals import StopSignal
@@ -36,14 +35,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _worker_died(exc: BaseException) -> bool:
-    """A DataLoader worker was killed (SIGKILL, the OOM killer). The iterator's `next()` says so in a
-    RuntimeError or, if it was reading from that worker, re-raises the pipe's error."""
-    if isinstance(exc, RuntimeError):
-        return str(exc).startswith("DataLoader worker")
-    return any("torch/utils/data/" in frame.filename for frame in traceback.extract_tb(exc.__traceback__))
-
-
 def main(argv: list[str] | None = None, *, process_exits: bool = False) -> int:
     """`process_exits`: the process ends when this returns (`python train.py`). A finished run then keeps
     ignoring SIGINT/SIGTERM until it has exited; a caller in the same process gets its handlers back."""
@@ -63,7 +54,9 @@ def main(argv: list[str] | None = None, *, process_exits: bool = False) -> int:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
     except (RuntimeError, ConnectionError, EOFError) as exc:
-        if not _worker_died(exc):
+        from runtime.blame import worker_died
+
+        if not worker_died(exc):
             raise
         # Every checkpoint write is atomic: the files on disk are whole.
         reason = one_line(str(exc)) if isinstance(exc, RuntimeError) else f"a DataLoader worker died ({exc!r})"

@@ -91,6 +91,7 @@ class BaseTrainer(metaclass=ABCMeta):
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> dict:
         self._hook("on_train_start")
+        early_stopped, epochs_run = False, 0
         try:
             for epoch in range(self.start_epoch, self.epochs + 1):
                 self.epoch = epoch
@@ -105,6 +106,7 @@ class BaseTrainer(metaclass=ABCMeta):
                 self._log_epoch(epoch, result, time.perf_counter() - started, improved)
                 self.batch_in_epoch = self.samples_in_epoch = 0
                 self._save_epoch(epoch, improved)
+                epochs_run += 1
                 if self._stop_requested():
                     if self.stop_signal is not None:
                         self.stop_signal.finish()  # saved: a further signal has nothing left to stop
@@ -113,11 +115,13 @@ class BaseTrainer(metaclass=ABCMeta):
                 if self.early_stop and self.not_improved_count >= self.early_stop:
                     self.logger.info(f"early stopping: {self.monitor_metric} did not improve for "
                                      f"{self.early_stop} epochs")
+                    early_stopped = True
                     break
         finally:
             self._hook("on_train_end")
             self.writer.flush()
-        return {"best_epoch": self.best_epoch, "monitor_best": self.monitor_best}
+        return {"best_epoch": self.best_epoch, "monitor_best": self.monitor_best, "early_stopped": early_stopped,
+                "epochs_run": epochs_run}
 
     def _step_epoch_scheduler(self, result: dict) -> None:
         if self.lr_scheduler is None or self.scheduler_interval != "epoch":

@@ -26,6 +26,7 @@ def project_classes(package: str, base_name: str) -> dict[str, type]:
     base_cls = {"Module": nn.Module, "BaseDataLoader": base.BaseDataLoader, "BaseTrainer": base.BaseTrainer}[base_name]
     pkg = importlib.import_module(package)
     found: dict[str, type] = {}
+    duplicates = DUPLICATES.setdefault(package, {})
     for info in pkgutil.iter_modules(pkg.__path__):
         module = importlib.import_module(f"{package}.{info.name}")
         for name, obj in vars(module).items():
@@ -34,8 +35,20 @@ def project_classes(package: str, base_name: str) -> dict[str, type]:
             if (isinstance(obj, type) and issubclass(obj, base_cls) and obj is not base_cls
                     and (not inspect.isabstract(obj) or base_name == "BaseTrainer")
                     and obj.__module__.startswith(package + ".") and not name.startswith("_")):
+                if name in found and found[name] is not obj:  # two classes, one name: neither may be guessed
+                    duplicates.setdefault(name, {_file_of(found[name])}).add(_file_of(obj))
                 found[name] = obj
     return found
+
+
+# package -> class name -> the files that define a class of that name (see `resolve`).
+DUPLICATES: dict[str, dict[str, set[str]]] = {}
+
+
+def _file_of(cls: type) -> str:
+    import os
+
+    return os.path.relpath(inspect.getsourcefile(cls) or cls.__module__)
 
 
 @lru_cache(maxsize=None)
@@ -118,6 +131,10 @@ def resolve(section: str, name: Any, where: str) -> tuple[Any, str | None]:
     if not isinstance(name, str):
         return None, f"{where}: expected a name, got {short(name)}"
     found = candidates(section)
+    package = {"arch": "model", "data_loader": "data_loader", "trainer": "trainer"}.get(section)
+    if package and name in DUPLICATES.get(package, {}):
+        files = " and ".join(sorted(DUPLICATES[package][name]))
+        return None, f"{where}: {name} is defined in both {files}; rename one of them"
     if name in found:
         return found[name], None
     if section == "arch" and "." not in name and name in torchvision_models():

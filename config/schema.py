@@ -74,6 +74,8 @@ SCHEMA: dict[str, Key] = {
         "interval": Key("str", "step the scheduler every epoch or every optimizer step", "epoch",
                         choices=("epoch", "step")),
     }, optional=True),
+    "user": Key("dict", "your own values (any plain data: numbers, strings, lists, mappings), read by your code as "
+                        "config['user'] (self.config in a Trainer subclass) and shown in TensorBoard's HParams", {}),
     "trainer": Key("section", "the training loop", REQUIRED, keys={
         "type": Key("str", "trainer class (a BaseTrainer subclass in trainer/)", "Trainer"),
         "epochs": Key("int", "number of epochs", minimum=1),

@@ -53,3 +53,11 @@ def setup_logging(run_dir: str | Path | None, verbosity: int = 2, is_main: bool 
         file_handler.setLevel(logging.DEBUG)
         logger.addHandler(file_handler)
     return logger
+
+
+def log_file_only(logger: logging.Logger, message: str, level: str = "INFO") -> None:
+    """A line for train.log alone: what train.py also prints on stderr (an error, a stop) is said once there."""
+    record = logger.makeRecord(logger.name, getattr(logging, level), __file__, 0, message, None, None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -1,14 +1,37 @@
 from __future__ import annotations
 
 import re
-
-import torch
+import shlex
+import sys
 
 from errors import ConfigError
 
 
-def resolve_device(spec: str, n_gpu: int | None = None, local_rank: int | None = None) -> torch.device:
+def device_option(spec: str, argv: list[str] | None = None) -> str:
+    """`-d` as pytorch-template spelled it: GPU indices. `-d 0` is cuda:0; several indices (`-d 0,1`) need one
+    process per GPU, so the answer is the torchrun command that runs them."""
+    if re.fullmatch(r"\d+", spec):
+        return f"cuda:{spec}"
+    if re.fullmatch(r"\d+(,\d+)+", spec):
+        argv = list(sys.argv if argv is None else argv)
+        kept, skip = [], False
+        for item in argv:  # the same command without its -d
+            if skip:
+                skip = False
+            elif item in ("-d", "--device"):
+                skip = True
+            elif not item.startswith(("-d", "--device=")):
+                kept.append(item)
+        count = len(spec.split(","))
+        raise ConfigError(f"-d {spec}: one process per GPU (DistributedDataParallel); run: CUDA_VISIBLE_DEVICES={spec} "
+                          f"torchrun --standalone --nproc_per_node={count} {shlex.join(kept)}")
+    return spec
+
+
+def resolve_device(spec: str, n_gpu: int | None = None, local_rank: int | None = None) -> "torch.device":
     """`auto|cpu|cuda|cuda:N|mps` -> a device that exists here; under torchrun, cuda means cuda:LOCAL_RANK."""
+    import torch
+
     if n_gpu == 0:
         spec = "cpu"
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", spec):
@@ -37,8 +60,10 @@ def resolve_device(spec: str, n_gpu: int | None = None, local_rank: int | None =
     return torch.device(spec)
 
 
-def check_amp(amp: str, device: torch.device) -> None:
+def check_amp(amp: str, device: "torch.device") -> None:
     """fp16 needs a GPU (CUDA or MPS); bf16 works on the CPU too."""
+    import torch
+
     if amp == "fp16" and device.type == "cpu":
         raise ConfigError("trainer.amp: fp16 is not supported on the CPU; use bf16 or off")
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():

@@ -1,0 +1,347 @@
+"""Issue 15: errors a user can act on, and a run record that says how the run ended.
+
+Each test runs the real train.py in a project made by new_project.py, with the user's own (broken) classes
+written into it, as a user would.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PYTHON, ROOT, run_script
+from datafiles import write_image_folder
+
+USER_MODELS = '''
+
+class BadShapes(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(60, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))  # digits have 64 pixels, not 60
+
+
+class OneOutput(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 1)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))  # (B, 1) against a (B,) target
+
+
+class FailsLater(BaseModel):
+    def __init__(self, fail_after: int = 30):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=False)
+        self.fail_after = fail_after
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.fail_after:
+            raise ValueError(f"call {int(self.calls)} went wrong")
+        return torch.log_softmax(self.fc(x.flatten(1)), dim=1)
+'''
+
+USER_LOSSES = '''
+
+def plain_mse(output, target):
+    return F.mse_loss(output, target.float())
+'''
+
+USER_METRICS = '''
+
+def target_mean(output, target):
+    return torch.mean(target)  # fails on a Long target
+'''
+
+DROP_LAST_LOADER = '''
+from torch.utils.data import TensorDataset
+
+from base import BaseDataLoader
+
+
+class TinyDataLoader(BaseDataLoader):
+    def __init__(self, batch_size: int = 8, drop_last: bool = False, n: int = 40):
+        x, y = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(n) % 10
+        super().__init__(TensorDataset(x, y), batch_size, validation_split=0.2, drop_last=drop_last)
+'''
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    project = tmp_path_factory.mktemp("errors") / "project"
+    run_script("new_project.py", str(project), check=True)
+    for name, text in (("model/model.py", USER_MODELS), ("model/loss.py", USER_LOSSES),
+                       ("model/metric.py", USER_METRICS)):
+        with open(project / name, "a") as handle:
+            handle.write(text)
+    (project / "data_loader" / "tiny.py").write_text("import torch\n" + DROP_LAST_LOADER)
+    return project
+
+
+def line_of(path: Path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def train(project: Path, save_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "train.py", *args, f"trainer.save_dir={save_dir}", "trainer.verbosity=1"],
+                          cwd=project, capture_output=True, text=True, timeout=timeout)
+
+
+def one_error(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "UserWarning" not in line
+             and not line.startswith("  ")]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+# ---- 1. the sanity pass: user mistakes stop the run before anything is written ---------------------
+
+def test_too_few_classes_names_the_loss_and_the_key_to_check(project, tmp_path):
+    proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "arch.args.num_classes=5")
+    assert proc.returncode == 2
+    line = line_of(project / "model" / "loss.py", "F.nll_loss")
+    assert one_error(proc) == (
+        "error: the first training batch (StackedBatch((64, 1, 8, 8) float32, (64,) int64)): loss failed at "
+        f"model/loss.py:{line}: IndexError: Target 6 is out of bounds; the model has fewer outputs than the data "
+        "has classes: check arch.args (e.g. num_classes) (checked before training; nothing was written)")
+    assert not (tmp_path / "saved").exists()
+
+
+@pytest.mark.slow
+def test_an_image_folder_with_more_classes_than_the_model_stops_before_training(project, tmp_path):
+    write_image_folder(tmp_path / "images", classes=("cat", "dog", "fox"), per_class=6, size=16)
+    proc = train(project, tmp_path / "saved", "-c", "configs/image_folder.yaml", "arch.args.num_classes=2",
+                 f"data_loader.args.data_dir={tmp_path / 'images'}",
+                 "data_loader.args.test_dir=null", "data_loader.args.image_size=16", "data_loader.args.num_workers=0",
+                 "data_loader.args.batch_size=16", "device=cpu")
+    assert proc.returncode == 2, proc.stderr
+    error = one_error(proc)
+    assert error.startswith("error: the first training batch (")
+    assert "IndexError: Target 2 is out of bounds; the model has fewer outputs than the data has classes: " \
+           "check arch.args (e.g. num_classes) (checked before training; nothing was written)" in error
+    assert not (tmp_path / "saved").exists()
+
+
+def test_a_shape_bug_in_forward_names_the_model_and_its_line(project, tmp_path):
+    proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "arch.type=BadShapes", "arch.args={}")
+    assert proc.returncode == 2
+    line = line_of(project / "model" / "model.py", "# digits have 64 pixels, not 60")
+    assert one_error(proc) == (
+        "error: the first training batch (StackedBatch((64, 1, 8, 8) float32, (64,) int64)): model forward failed "
+        f"at model/model.py:{line}: RuntimeError: mat1 and mat2 shapes cannot be multiplied (64x64 and 60x10); "
+        "a layer's input size does not fit the data: check the model against the input shape (checked before "
+        "training; nothing was written)")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_a_metric_that_fails_on_the_target_is_named(project, tmp_path):
+    proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "metrics=[accuracy, target_mean]")
+    assert proc.returncode == 2
+    line = line_of(project / "model" / "metric.py", "fails on a Long target")
+    error = one_error(proc)
+    assert error.startswith("error: the first training batch (StackedBatch((64, 1, 8, 8) float32, (64,) int64)): "
+                            f"metric 'target_mean' failed at model/metric.py:{line}: RuntimeError: mean(): ")
+    assert error.endswith("Got: Long (checked before training; nothing was written)")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_an_output_that_broadcasts_against_the_target_is_reported_not_warned(project, tmp_path):
+    proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "arch.type=OneOutput", "arch.args={}",
+                 "loss=plain_mse", "metrics=[]", "trainer.monitor=off")
+    assert proc.returncode == 2
+    assert one_error(proc) == (
+        "error: the first training batch (StackedBatch((64, 1, 8, 8) float32, (64,) int64)): the loss got output "
+        "of shape (64, 1) and target of shape (64,), which broadcast to (64, 64): it would compare every output "
+        "with every target; make the shapes equal (e.g. output.squeeze(1) in the model or the step)")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_the_sanity_pass_leaves_weights_buffers_and_random_streams_alone():
+    """Directly: the pass runs a BatchNorm model and a random augmentation, and changes nothing."""
+    import copy
+    import random
+
+    import numpy as np
+    import torch
+
+    from config import load_config
+    from config.build import build_data_loaders, build_loss, build_metrics, build_model, build_optimizer
+    from trainer.sanity import sanity_pass
+    from trainer.trainer import Trainer
+
+    config = load_config(ROOT / "configs" / "digits.yaml", ["device=cpu"])
+    torch.manual_seed(0)
+    model = build_model(config)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    train_loader, valid_loader = build_data_loaders(config, 0, 1)
+    optimizer = build_optimizer(config, model)
+    trainer = Trainer(model, build_loss(config), build_metrics(config), optimizer, config, torch.device("cpu"),
+                      train_loader, valid_loader)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    sanity_pass(trainer)
+    after_rng = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    assert after_rng == (random.random(), float(np.random.rand()), float(torch.rand(())))
+    assert model.training and all(m.training for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not trainer._step_checked  # the first real batch still checks that the loss requires grad
+
+
+# ---- 2 and 3. errors during training, and how every run ends in train.log ---------------------------
+
+def test_an_error_after_the_first_steps_is_one_line_with_its_traceback_in_train_log(project, tmp_path):
+    proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "arch.type=FailsLater",
+                 "arch.args={fail_after: 45}", "trainer.epochs=3", "trainer.monitor=off", "metrics=[]",
+                 "--run-id", "late")
+    assert proc.returncode == 1, proc.stderr
+    run = tmp_path / "saved" / "digits" / "late"
+    line = line_of(project / "model" / "model.py", 'raise ValueError(f"call')
+    error = one_error(proc)
+    assert re.fullmatch(
+        rf"error: model forward \(FailsLater\) failed at epoch 2, after step \d+ \(model/model.py:{line}\): "
+        rf"ValueError: call 46 went wrong; traceback in {re.escape(str(run))}/train.log; after fixing it, "
+        rf"resume: python train.py -r {re.escape(str(run))}", error), error
+    log = (run / "train.log").read_text()
+    assert "Traceback (most recent call last)" in log and 'raise ValueError(f"call' in log
+    assert log.rstrip().splitlines()[-1].endswith(error[len("error: "):])
+    assert "Traceback" not in proc.stdout  # verbosity 1: the traceback is in train.log only
+
+
+def test_verbosity_2_also_prints_the_traceback(project, tmp_path):
+    proc = subprocess.run([PYTHON, "train.py", "-c", "configs/digits.yaml", "arch.type=FailsLater",
+                           "arch.args={fail_after: 45}", "trainer.epochs=3", "trainer.monitor=off", "metrics=[]",
+                           f"trainer.save_dir={tmp_path / 'saved'}", "trainer.verbosity=2"],
+                          cwd=project, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stdout and "ValueError: call 46 went wrong" in proc.stdout
+
+
+def test_train_log_ends_with_how_the_run_ended(project, tmp_path):
+    save = tmp_path / "saved"
+    finished = train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=2", "--run-id", "done")
+    assert finished.returncode == 0, finished.stderr
+    log = (save / "digits" / "done" / "train.log").read_text()
+    assert re.search(r"INFO finished: run directory .*done \(2 epochs, step 40, [\d.]+s\)\n.*INFO best val_accuracy: "
+                     r"0\.\d+ at epoch \d", log), log[-600:]
+
+    early = train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=30", "trainer.early_stop=1",
+                  "optimizer.args.lr=1e-9", "--run-id", "early")
+    assert early.returncode == 0, early.stderr
+    log = (save / "digits" / "early" / "train.log").read_text()
+    assert re.search(r"INFO stopped early: run directory .*early \(\d+ epochs, step \d+, [\d.]+s\)", log), log[-600:]
+
+    nan = train(project, save, "-c", "configs/digits.yaml", "optimizer.args.lr=1e12", "trainer.epochs=3",
+                "--run-id", "nan")
+    assert nan.returncode == 1
+    last = (save / "digits" / "nan" / "train.log").read_text().rstrip().splitlines()[-1]
+    assert re.search(r"ERROR non-finite (loss|weights|gradient)", last), last
+    assert last.endswith(one_error(nan)[len("error: "):])
+
+
+def test_a_signal_is_recorded_in_train_log_with_the_resume_command(project, tmp_path):
+    proc = subprocess.Popen([PYTHON, "train.py", "-c", "configs/digits.yaml", "trainer.epochs=1000", "--run-id",
+                             "sig", f"trainer.save_dir={tmp_path / 'saved'}", "trainer.verbosity=1"],
+                            cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/"):
+            break
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    run = tmp_path / "saved" / "digits" / "sig"
+    command = f"resume: python train.py -r {run}"
+    assert err.strip().endswith(f"checkpoint saved (SIGTERM); {command}"), err
+    last = (run / "train.log").read_text().rstrip().splitlines()[-1]
+    assert "WARNING stopped by signal at epoch" in last and last.endswith(f"(SIGTERM); {command}")
+
+
+# ---- 5. runs that cannot train ----------------------------------------------------------------------
+
+def test_zero_steps_per_epoch_is_refused_and_a_huge_batch_is_a_warning(project, tmp_path):
+    common = ["-c", "configs/digits.yaml", "data_loader.type=TinyDataLoader", "data_loader.args={}",
+              "metrics=[accuracy]", "trainer.epochs=1", "trainer.monitor=off"]
+    proc = train(project, tmp_path / "saved", *common, "data_loader.args.drop_last=true", "--bs", "100")
+    assert proc.returncode == 2
+    assert one_error(proc) == ("error: data_loader.args.batch_size: 100 with drop_last: true leaves no training "
+                               "batch: the training split has 32 samples; lower the batch size or set "
+                               "data_loader.args.drop_last=false")
+    assert not (tmp_path / "saved").exists()
+    proc = train(project, tmp_path / "saved", *common, "--bs", "100", "--run-id", "big")
+    assert proc.returncode == 0, proc.stderr
+    warning = ("warning: data_loader.args.batch_size: 100 is larger than the training split (32 samples): every "
+               "epoch is one optimizer step")
+    assert warning in proc.stdout + proc.stderr
+    assert warning in (tmp_path / "saved" / "digits" / "big" / "train.log").read_text()
+
+
+def test_resuming_a_finished_run_says_so_and_names_the_override(project, tmp_path):
+    save = tmp_path / "saved"
+    assert train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=1", "--run-id", "f").returncode == 0
+    run = save / "digits" / "f"
+    log_size = (run / "train.log").stat().st_size
+    proc = train(project, save, "-r", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (f"{run}: this run already finished its 1 epochs (step 20); nothing to do. To "
+                                   f"train it further: python train.py -r {run} trainer.epochs=11")
+    assert (run / "train.log").stat().st_size == log_size  # nothing written
+    more = train(project, save, "-r", str(run), "trainer.epochs=2")
+    assert more.returncode == 0 and "finished: run directory" in more.stdout
+
+
+# ---- 7. user keys, duplicate class names, -d as GPU indices -----------------------------------------
+
+def test_user_values_are_plain_data_that_reach_the_trainer(project, tmp_path):
+    (project / "trainer" / "uses_user.py").write_text(
+        "from trainer.trainer import Trainer\n\n\n"
+        "class UserTrainer(Trainer):\n"
+        "    def on_train_start(self):\n"
+        "        self.logger.info(f\"user values: {self.config['user']}\")\n")
+    proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "trainer.type=UserTrainer",
+                 "trainer.epochs=1", "user={alpha: 0.5, tags: [a, b]}", "user.beta=3")
+    assert proc.returncode == 0, proc.stderr
+    assert "user values: {'alpha': 0.5, 'tags': ['a', 'b'], 'beta': 3}" in proc.stdout
+    proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "user=[1, 2]")
+    assert proc.returncode == 2
+    assert one_error(proc) == "error: configs/digits.yaml: user: expected a mapping, got [1, 2]"
+
+
+def test_a_class_name_defined_in_two_modules_is_a_config_error_naming_both(project, tmp_path):
+    (project / "model" / "copy_of_mnist.py").write_text(
+        "import torch.nn as nn\n\nfrom base import BaseModel\n\n\n"
+        "class MnistModel(BaseModel):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(64, 10)\n\n    def forward(self, x):\n        return self.fc(x.flatten(1))\n")
+    try:
+        proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "arch.type=MnistModel",
+                     "arch.args={}")
+    finally:
+        (project / "model" / "copy_of_mnist.py").unlink()
+    assert proc.returncode == 2
+    assert one_error(proc) == ("error: configs/digits.yaml: arch.type: MnistModel is defined in both "
+                               "model/copy_of_mnist.py and model/model.py; rename one of them")
+
+
+def test_gpu_indices_as_pytorch_template_spelled_them(tmp_path):
+    proc = run_script("train.py", "-c", "configs/digits.yaml", "-d", "0", f"trainer.save_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: device: 'cuda:0' requested but CUDA is not available here (use device: "
+                                   "cpu or auto)")
+    proc = run_script("train.py", "-c", "configs/digits.yaml", "-d", "0,1", "trainer.epochs=3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: -d 0,1: one process per GPU (DistributedDataParallel); run: "
+                                   "CUDA_VISIBLE_DEVICES=0,1 torchrun --standalone --nproc_per_node=2 "
+                                   f"{ROOT / 'train.py'} -c configs/digits.yaml trainer.epochs=3")
