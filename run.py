@@ -377,7 +377,7 @@ def _summary(logger, config: dict, run_dir: Path, trainer, result: dict, seconds
     logger.info(f"{how}: run directory {run_dir} ({result['epochs_run']} epoch{'s' if result['epochs_run'] != 1 else ''}{' this session' if resumed else ''}, "
                 f"step {trainer.global_step}, {_duration(seconds)})")
     if trainer.monitor_mode != "off" and result["best_epoch"]:
-        logger.info(f"best {trainer.monitor_metric}: {result['monitor_best']:.6g} at epoch {result['best_epoch']}")
+        logger.info(f"best {trainer.monitor_metric}: {result['monitor_best']:.4f} at epoch {result['best_epoch']}")
     checkpoints = run_dir / "checkpoints"
     best = checkpoints / ("best.pth" if (checkpoints / "best.pth").exists() else "last.pth")
     logger.info(f"checkpoints: {checkpoints}")

@@ -23,10 +23,12 @@ def _ours(filename: str) -> bool:
 
 
 def _shown(filename: str) -> str:
+    """Relative to the working directory when inside it (the usual case: the project's root), else absolute."""
     try:
-        return os.path.relpath(filename)
+        relative = os.path.relpath(filename)
     except ValueError:  # another drive (Windows)
         return filename
+    return os.path.abspath(filename) if relative.startswith("..") else relative
 
 
 def _piece(filename: str, function: str, owner: object = None) -> str:

@@ -331,7 +331,8 @@ def test_dry_run_builds_everything_runs_one_batch_and_writes_nothing(tmp_path, m
 def test_dry_run_reports_a_model_that_does_not_fit_the_data(tmp_path, monkeypatch, capsys):
     path = write_config(tmp_path, mutate(BASE, "arch.args.image_size", 4))  # the data is 8x8
     code, _, err = run_main(tmp_path, monkeypatch, capsys, "-c", str(path), "--dry-run")
-    assert_refused(tmp_path, code, err, "through Trainer.step, backward and the metrics failed: RuntimeError")
+    assert_refused(tmp_path, code, err, "the first training batch (", "model forward failed at ", "model/model.py:",
+                   "RuntimeError", "nothing was written")
     path = write_config(tmp_path, mutate(BASE, "arch.args.num_classes", -3))  # refused by the constructor
     code, _, err = run_main(tmp_path, monkeypatch, capsys, "-c", str(path), "--dry-run")
     assert_refused(tmp_path, code, err, "arch: DigitsCNN: ", "negative dimension")
