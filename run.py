@@ -39,12 +39,12 @@ def _resolve_config(args: argparse.Namespace):
     if not args.resume:
         return load_config(args.config, overrides), None, None, Path(args.config).suffix.lower()
     from checkpoint import check_resume_state, find_resume_checkpoint, load_checkpoint
-    from runtime.run_dir import locate_resume
+    from runtime.run_dir import locate_checkpoint
 
-    target, run_dir = locate_resume(args.resume)
+    target, run_dir = locate_checkpoint(args.resume)
     notes = []
     if target.is_dir():
-        path, state, notes = find_resume_checkpoint(target)  # checked like the file below
+        path, state, notes = find_resume_checkpoint(run_dir)  # checked like the file below
     else:
         path, state = target, load_checkpoint(target)
         check_resume_state(state, path)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from checkpoint.archive import ZIP_MAGIC, ArchiveError, ChecksumMismatch, verify_archive
+from checkpoint.file_kind import describe_not_a_checkpoint
 from checkpoint.validate import check_resume_state
 from errors import CheckpointError, TrainingError
 from runtime.atomic_write import atomic_write, fsync_dir, remove_quietly, temporary_path
@@ -114,8 +115,11 @@ def load_checkpoint(path: str | Path) -> dict:
     """Verify the archive (structure and every record's CRC-32), then load with weights_only=True;
     every failure is a CheckpointError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
+    kind = describe_not_a_checkpoint(path)  # a config, a log, a directory: said so, not "corrupt"
+    if kind:
+        raise CheckpointError(f"{path}: {kind}")
     try:
         # One open file for the check and the load: the bytes verified are the bytes loaded, even if
         # the name is replaced meanwhile.
