@@ -73,3 +73,17 @@ def _config_kind(text: str) -> str | None:
             return kind
     return None
 
+
+def why_refused(path: Path) -> str:
+    """Why torch.load(weights_only=True) refused a pickle: a pytorch-template checkpoint (for
+    checkpoint/convert.py), or objects of other classes. Read inertly (checkpoint/untrusted.py): nothing runs."""
+    from checkpoint.untrusted import UntrustedFileError, read_untrusted
+
+    try:
+        state = read_untrusted(path)
+    except UntrustedFileError:
+        state = None
+    if isinstance(state, dict) and "state_dict" in state and \
+            str(getattr(state.get("config"), "qualname", "")).endswith("ConfigParser"):
+        return f"a pytorch-template checkpoint: convert it first: python -m checkpoint.convert {path} NEW.pth"
+    return "refused: it contains objects other than tensors and plain data (a pickle payload?); it was not executed"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from checkpoint.archive import ZIP_MAGIC, ArchiveError, ChecksumMismatch, verify_archive
-from checkpoint.file_kind import describe_not_a_checkpoint
+from checkpoint.file_kind import describe_not_a_checkpoint, why_refused
 from checkpoint.validate import check_resume_state
 from errors import CheckpointError, TrainingError
 from runtime.atomic_write import atomic_write, fsync_dir, remove_quietly, temporary_path
@@ -135,8 +135,7 @@ def load_checkpoint(path: str | Path) -> dict:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if "Weights only load failed" in first or "Unsupported global" in str(exc):
-            raise CheckpointError(f"{path}: refused: it contains objects other than tensors and plain data "
-                                  f"(a pickle payload?); it was not executed") from None
+            raise CheckpointError(f"{path}: {why_refused(path)}") from None
         raise CheckpointError(f"{path}: corrupt checkpoint ({first or 'unpickling failed'})") from None
     except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes torch raise, it is the file's fault
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
