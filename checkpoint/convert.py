@@ -4,7 +4,8 @@ OLD is read by checkpoint/untrusted.py, which imports and runs nothing the file 
 pathlib paths and NumPy scalars become inert records). NEW holds:
 - `state_dict`: the model's weights as they are (a `module.` prefix of DataParallel removed), and `arch`;
 - `config`: the old config (ConfigParser's `_config`) with every key this project's schema knows, which
-  are all the keys of the template's config.json; keys the schema does not know are dropped and listed.
+  are all the keys of the template's config.json; the user's own top-level keys move under `user`, other
+  keys the schema does not know (inside its sections) are dropped; both are listed.
   It is checked like any config: one that names a class missing here is written as it is, with a note;
 - `converted_from`: the old file's name, epoch, monitor_best and whole config, for the record.
 Not carried over: the optimizer state. The template saves no RNG state, data order or scheduler state, so a
@@ -114,6 +115,16 @@ def convert(old: Path, new: Path) -> list[str]:
         except ValueError as exc:
             raise CheckpointError(f"{old}: the old config cannot be read: {exc}") from None
         config, dropped = _known_keys(record["config"])
+        # The user's own top-level keys (read as config['my_key'] in the template) go where ours live.
+        user = config.setdefault("user", {})
+        moved = [key for key in dropped if "." not in key and isinstance(user, dict) and key not in user]
+        if moved:
+            user.update({key: record["config"][key] for key in moved})
+            notes.append(f"config keys of your own, moved under user (read them as config['user'][...]): "
+                         f"{', '.join(moved)}")
+        if not user:
+            del config["user"]
+        dropped = [key for key in dropped if key not in moved]
         if dropped:
             notes.append(f"config keys this project does not know, dropped: {', '.join(dropped)}")
         try:

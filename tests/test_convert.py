@@ -235,10 +235,13 @@ def test_data_parallel_prefix_and_unknown_config_keys(trap, tmp_path):
     proc = convert(tmp_path / "old.pth", tmp_path / "new.pth", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "note: removed the 'module.' prefix DataParallel gave the weights' names" in proc.stdout.splitlines()
-    assert "note: config keys this project does not know, dropped: trainer.my_option, my_key" in proc.stdout.splitlines()
+    assert proc.stdout.splitlines()[4:6] == [
+        "note: config keys of your own, moved under user (read them as config['user'][...]): my_key",
+        "note: config keys this project does not know, dropped: trainer.my_option"]
     new = torch.load(tmp_path / "new.pth", weights_only=True)
     assert "conv1.weight" in new["state_dict"] and "my_key" not in new["config"]
-    assert new["converted_from"]["config"]["my_key"] == {"a": 1}  # kept for the record
+    assert new["config"]["user"] == {"my_key": {"a": 1}} and "my_option" not in new["config"]["trainer"]
+    assert new["converted_from"]["config"]["trainer"]["my_option"] is True  # kept for the record
 
 
 def test_a_model_class_missing_here_is_written_with_a_note(trap, tmp_path):
