@@ -127,7 +127,7 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
     try:
         seed_everything(config["seed"], cfg["deterministic"])
         model = build_model(config)
-        train_loader, valid_loader = build_data_loaders(config, dist.rank, dist.world_size)
+        train_loader, valid_loader = build_data_loaders(config, dist.rank, dist.world_size, device)
         model = model.to(device)
         optimizer = build_optimizer(config, model)
         if resume:
@@ -181,7 +181,9 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
                         f"{torch.distributed.get_backend()}, per-process batch {train_loader.batch_size}"
                         + (f", {converted} SyncBatchNorm layers" if cfg["sync_batchnorm"] else ""))
         if cfg["compile"]:
-            model = torch.compile(model)
+            from runtime.compile import compile_model
+
+            model = compile_model(model, cfg["compile"])
             logger.info("model compiled with torch.compile (the first steps include compilation)")
         if dist.enabled and dist.rank != 0:
             # Per-rank random streams (dropout) differ; the model was initialised identically above.

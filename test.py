@@ -46,7 +46,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     model = build_model(config)
     load_model_state(model, state["state_dict"], strict=True, source=str(path))
     model = model.to(device)
-    loader = build_test_loader(config)
+    loader = build_test_loader(config, device=device)
     # The run's own trainer class: its `step` and evaluation loop are the ones validation ran.
     trainer = trainer_class(config)(model, build_loss(config), build_metrics(config), None, config, device, None)
     trainer.verbosity = 0  # only the `name: value` lines on stdout

@@ -3,11 +3,12 @@
 A checkpoint is a plain dict (see README: Checkpoint format) saved by torch.save, which writes a zip
 archive with a CRC-32 of every record (the pickle of the dict, and each tensor's bytes). torch.load
 checks neither those CRCs nor the consistency of the zip structure, so a flipped bit would load
-silently: load_checkpoint checks both first (checkpoint/archive.py). The checksum costs nothing extra
-to write: torch.save computes it.
+silently: load_checkpoint checks both first (checkpoint/archive.py), over the mapped file, then loads it
+with mmap=True (no second read). The checksum costs nothing extra to write: torch.save computes it.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import shutil
@@ -124,10 +125,12 @@ def load_checkpoint(path: str | Path) -> dict:
         # One open file for the check and the load: the bytes verified are the bytes loaded, even if
         # the name is replaced meanwhile.
         with open(path, "rb") as handle:
-            if handle.read(4) == ZIP_MAGIC:  # else a legacy pickle, refused (or reported) by torch.load below
+            if handle.read(4) == ZIP_MAGIC:
                 verify_archive(handle)
-            handle.seek(0)
-            state = torch.load(handle, map_location="cpu", weights_only=True)
+                state = _load_mapped(handle)
+            else:  # a legacy pickle, refused (or reported) by torch.load
+                handle.seek(0)
+                state = torch.load(handle, map_location="cpu", weights_only=True)
     except ChecksumMismatch as exc:
         raise CheckpointError(f"{path}: checksum mismatch: the file is corrupted ({exc})") from None
     except ArchiveError as exc:
@@ -143,6 +146,18 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or "state_dict" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no state_dict)")
     return state
+
+
+def _load_mapped(handle) -> Any:
+    """torch.load with mmap=True of the file open as `handle`: its tensors are views of the page cache that
+    verify_archive has just checked, not a second read of the file. torch opens the file by name, so it
+    gets a name of this open file (not of the path, which may be replaced meanwhile). The mapping is
+    private whatever torch's default: an in-place update of a loaded tensor (the optimizer's state on the
+    CPU after a resume) copies the page and never writes into the checkpoint."""
+    name = next((f"{folder}/{handle.fileno()}" for folder in ("/proc/self/fd", "/dev/fd") if os.path.isdir(folder)),
+                handle.name)
+    with torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE):
+        return torch.load(name, mmap=True, map_location="cpu", weights_only=True)
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict, list[str]]:
