@@ -22,35 +22,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
-    from checkpoint import check_eval_state, load_checkpoint, load_model_state
-    from config import load_config, resolve_config
-    from runtime.device import device_option
-    from runtime.run_dir import locate_checkpoint
+    from checkpoint.trained import load_trained
+    from config.build import build_test_loader
 
-    overrides = list(args.overrides) + ([f"device={device_option(args.device)}"] if args.device else [])
-    path, _ = locate_checkpoint(args.resume)  # a run directory, its checkpoints/ folder or a file
-    if path.is_dir():
-        path = next((p for p in (path / "best.pth", path / "last.pth") if p.exists()), path / "best.pth")
-    state = load_checkpoint(path)
-    check_eval_state(state, path, need_config=not args.config)
-    if args.config:
-        config = load_config(args.config, overrides)
-    else:
-        config = resolve_config(state.get("config"), overrides, f"{path} (config)")
-
-    from config.build import build_loss, build_metrics, build_model, build_test_loader, trainer_class
-    from runtime.device import resolve_device
-
-    device = resolve_device(config["device"], config.get("n_gpu"))
-    config["arch"]["pretrained"] = None  # the checkpoint's own weights are loaded below
-    model = build_model(config)
-    load_model_state(model, state["state_dict"], strict=True, source=str(path))
-    model = model.to(device)
-    loader = build_test_loader(config, device=device)
+    trained = load_trained(args.resume, args.config, args.overrides, args.device)
+    loader = build_test_loader(trained.config, device=trained.device)
     # The run's own trainer class: its `step` and evaluation loop are the ones validation ran.
-    trainer = trainer_class(config)(model, build_loss(config), build_metrics(config), None, config, device, None)
+    trainer = trained.trainer
     trainer.verbosity = 0  # only the `name: value` lines on stdout
-    print(f"evaluating {path} on the test split ({len(loader.sampler)} samples)", file=sys.stderr)
+    print(f"evaluating {trained.path} on the test split ({len(loader.sampler)} samples)", file=sys.stderr)
     return trainer.evaluate(loader, desc="test")
 
 

@@ -108,6 +108,7 @@ class ShapesDataset(Dataset):
     """
 
     CLASSES = ("background", "circle", "square")
+    classes = list(CLASSES)  # the names predict.py and export.py report, as other datasets' `classes`
     SPLIT_SEEDS = {True: 0x5A9E, False: 0x7E57}  # train, test
 
     def __init__(self, n_samples: int = 400, image_size: int = 32, max_shapes: int = 3, noise: float = 0.15,
@@ -200,6 +201,7 @@ class TorchvisionDataset(Dataset):
     """
 
     NAMES = ("MNIST", "FashionMNIST", "CIFAR10")
+    MODES = {"MNIST": "L", "FashionMNIST": "L", "CIFAR10": "RGB"}  # of the PIL images torchvision hands out
 
     def __init__(self, name: str, root: str, train: bool = True, transform: Callable | None = None,
                  download: bool = True, verify_checksums: bool = True):
@@ -212,6 +214,7 @@ class TorchvisionDataset(Dataset):
         except (RuntimeError, OSError, AssertionError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
             raise UserError(_missing_data_message(name, root, download, exc)) from None
         self.transform = transform
+        self.mode = self.MODES[name]  # predict.py reads a new image file in this mode, then applies `transform`
         self.classes = list(self.data.classes)
 
     def with_transform(self, transform: Callable | None) -> "TorchvisionDataset":
@@ -318,17 +321,22 @@ class ImageFileDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert(self.mode)
-        except OSError as exc:  # missing, unreadable or not an image (PIL.UnidentifiedImageError)
-            raise UserError(f"{path}: cannot read image ({exc.strerror or exc})") from None
+        image = read_image(path, self.mode)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.class_to_idx[label]
+
+
+def read_image(path: str | Path, mode: str):
+    """The image file as a PIL image in `mode` ("L", "RGB"); UserError naming the file if it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except OSError as exc:  # missing, unreadable or not an image (PIL.UnidentifiedImageError)
+        raise UserError(f"{path}: cannot read image ({exc.strerror or exc})") from None
 
 
 def _class_key(name: str):

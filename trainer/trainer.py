@@ -98,6 +98,16 @@ class Trainer(BaseTrainer):
         output = self.model(data)
         return {"loss": self.criterion(output, target), "output": output, "target": target}
 
+    def predict_step(self, batch) -> torch.Tensor:
+        """Inputs without labels, already on the device -> the model's output (predict.py, export.py).
+
+        Runs in eval mode under torch.no_grad(). A task whose `step` does more than `self.model(input)`
+        overrides this too. The default takes a tensor of inputs, or the (input, target) pairs of a split,
+        whose target it ignores."""
+        if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+            batch = batch[0]
+        return self.model(batch)
+
     # ---- training ----------------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict:
         self.model.train()

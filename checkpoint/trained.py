@@ -1,0 +1,62 @@
+"""A trained model ready to use, from a checkpoint: shared by test.py, predict.py and export.py.
+
+The checkpoint is loaded as every checkpoint is (archive and CRCs verified, weights_only=True, the keys
+it must hold checked); the model, loss and metrics come from its stored config (or `-c`) through the
+same builders as train.py, and the trainer is the run's own class, so evaluation runs its `step` and
+prediction its `predict_step`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+
+@dataclass
+class Trained:
+    path: Path        # the checkpoint file loaded
+    config: dict      # resolved and validated
+    model: Any        # torch.nn.Module on `device`, the checkpoint's weights loaded
+    trainer: Any      # trainer.trainer.Trainer (the config's trainer.type), without data or optimizer
+    device: Any       # torch.device
+
+
+def checkpoint_file(resume: str | Path) -> Path:
+    """`-r` of test.py, predict.py and export.py: a checkpoint file, or a run directory or its checkpoints/
+    folder (its best.pth, else last.pth)."""
+    from runtime.run_dir import locate_checkpoint
+
+    path, _ = locate_checkpoint(str(resume))
+    if path.is_dir():
+        path = next((p for p in (path / "best.pth", path / "last.pth") if p.exists()), path / "best.pth")
+    return path
+
+
+def load_trained(resume: str | Path, config_file: str | None = None, overrides: Sequence[str] = (),
+                 device: str | None = None, metrics: bool = True) -> Trained:
+    """Raises UserError (exit 2) for a missing, corrupt or mismatched checkpoint and for config problems."""
+    from checkpoint import check_eval_state, load_checkpoint, load_model_state
+    from config import load_config, resolve_config
+
+    from runtime.device import device_option
+
+    overrides = list(overrides) + ([f"device={device_option(device)}"] if device else [])
+    path = checkpoint_file(resume)
+    state = load_checkpoint(path)
+    check_eval_state(state, path, need_config=not config_file)
+    if config_file:
+        config = load_config(config_file, overrides)
+    else:
+        config = resolve_config(state.get("config"), overrides, f"{path} (config)")
+
+    from config.build import build_loss, build_metrics, build_model, trainer_class
+    from runtime.device import resolve_device
+
+    torch_device = resolve_device(config["device"], config.get("n_gpu"))
+    config["arch"]["pretrained"] = None  # the checkpoint's own weights are loaded below
+    model = build_model(config)
+    load_model_state(model, state["state_dict"], strict=True, source=str(path))
+    model = model.to(torch_device)
+    metric_fns = build_metrics(config) if metrics else []
+    trainer = trainer_class(config)(model, build_loss(config), metric_fns, None, config, torch_device, None)
+    return Trained(path, config, model, trainer, torch_device)
