@@ -107,7 +107,7 @@ def test_predict_user_errors_are_one_line_exit_2(case, digits, tmp_path, capsys)
             f"--input {folder / 'nothing'}: no such file or folder"
     elif case == "missing checkpoint":
         argv, expected = ["-r", str(folder / "none.pth"), "--input", "split:test"], \
-            f"{folder / 'none.pth'}: checkpoint not found"
+            f"-r {folder / 'none.pth'}: no such file or directory"
     elif case == "folder for digits":
         (folder / "images").mkdir()
         argv, expected = ["-r", checkpoint, "--input", str(folder / "images")], \
