@@ -329,7 +329,8 @@ def test_damaged_checkpoint_contents_exit_2_in_one_line(tmp_path, run_dir, capsy
     key = tamper(state, case)
     path = tmp_path / "foreign.pth"
     save_checkpoint(state, path)
-    code, err = run_main(train, ["-r", str(path), f"trainer.save_dir={tmp_path / 'saved'}"], capsys)
+    # trainer.epochs: the fixture's run finished; a finished run is not resumed (nothing to check)
+    code, err = run_main(train, ["-r", str(path), f"trainer.save_dir={tmp_path / 'saved'}", "trainer.epochs=50"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: {path}: {key}"), err
     assert not (tmp_path / "saved").exists()  # refused before anything was written
