@@ -1,0 +1,154 @@
+"""Many runs (README: Many runs): grid sweeps, k-fold cross-validation, Optuna searches; each killed
+and resumed, and sweep.csv checked value by value against the runs' own checkpoints."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, ROOT, run_script
+
+CONFIG = str(ROOT / "configs" / "digits.yaml")
+
+
+def quick(save_dir: Path, *extra: str) -> list[str]:
+    return ["-c", CONFIG, f"trainer.save_dir={save_dir}", "trainer.tensorboard=false", "trainer.verbosity=1",
+            "trainer.epochs=2", *extra]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([PYTHON, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} early:\n{proc.stdout.read()}")
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def rows(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "sweep.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def load(path: Path) -> dict:
+    from checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def check_rows_against_checkpoints(sweep_dir: Path, monitor: str = "val_accuracy") -> None:
+    """Every value of every finished row is the one its run's last.pth holds."""
+    for row in rows(sweep_dir):
+        state = load(sweep_dir / row["run_id"] / "checkpoints" / "last.pth")
+        assert state["epoch_finished"] and int(row["epochs"]) == state["epoch"], row
+        assert float(row[f"best_{monitor}"]) == state["monitor_best"], row
+        assert state["metrics"] and set(state["metrics"]) <= set(row), row
+        for name, value in state["metrics"].items():
+            assert float(row[name]) == value, (row["run_id"], name)
+        for key, value in row.items():  # the swept values are the run's config
+            if key in ("optimizer.args.lr", "seed"):
+                node = state["config"]
+                for part in key.split("."):
+                    node = node[part]
+                from config.files import parse_scalar
+
+                assert node == parse_scalar(value), (key, node, value)
+
+
+# ---- fast: parsing, validation, refusals -------------------------------------------------------------
+def test_spec_parsing():
+    from errors import UserError
+    from sweep.spec import grid, parse_axes, split_top_level
+
+    assert split_top_level("[1,2],[3,4],a") == ["[1,2]", "[3,4]", "a"]
+    axes, fixed = parse_axes(["optimizer.args.lr=1e-3,3e-3", "seed=0,1,2", "trainer.epochs=2"])
+    assert fixed == ["trainer.epochs=2"] and [a.key for a in axes] == ["optimizer.args.lr", "seed"]
+    combos = grid(axes)
+    assert len(combos) == 6 and combos[0] == {"optimizer.args.lr": "1e-3", "seed": "0"}
+    axes, _ = parse_axes(["optimizer.args.lr=log(1e-4,1e-1)", "arch.args.hidden=int(16,128)", "optimizer.type=choice(Adam,SGD)"])
+    assert [a.kind for a in axes] == ["log", "int", "list"]
+    for bad in ["lr", "x=log(1,0)", "x=log(0,1)", "x=int(1.5,3)", "x=a,,b", "x=a,a", "name=a,b",
+                "trainer.save_dir=a,b"]:
+        with pytest.raises(UserError):
+            parse_axes([bad])
+    with pytest.raises(UserError, match="--sweep-trials"):
+        grid(parse_axes(["x=log(1e-4,1e-1)"])[0])
+
+
+def test_every_combination_is_validated_before_anything_is_written(tmp_path):
+    proc = run_script("train.py", *quick(tmp_path), "--sweep", "optimizer.args.lr=1e-3,oops", "seed=0,1",
+                      "arch.args.dropot=0.1,0.2")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: --sweep ") for line in lines), lines
+    assert "did you mean 'dropout'" in proc.stderr and "optimizer.args.lr" in proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_refusals(tmp_path):
+    proc = run_script("train.py", *quick(tmp_path), "--sweep", "seed=0,1",
+                      env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert proc.returncode == 2 and "--nproc N" in proc.stderr and not any(tmp_path.iterdir())
+    proc = run_script("train.py", *quick(tmp_path), "--sweep", "seed=0,1", "--dry-run")
+    assert proc.returncode == 0 and "run-001: seed=1" in proc.stdout and not any(tmp_path.iterdir())
+
+
+def test_summary_groups_over_seeds():
+    from sweep.runner import summary
+
+    made = [{"values": {"lr": lr, "seed": s}, "status": "finished", "best": b, "metrics": {"val_loss": b + 1}}
+            for lr, s, b in [("1", "0", 0.5), ("1", "1", 0.7), ("2", "0", 0.9), ("2", "1", 0.9)]]
+    made.append({"values": {"lr": "3", "seed": "0"}, "status": "failed", "metrics": {}})
+    text = summary(["lr", "seed"], made, "val_accuracy")
+    assert "over seeds (4 finished runs)" in text
+    assert "0.6000 ± 0.1414" in text and "1.6000 ± 0.1414" in text and "0.9000 ± 0.0000" in text
+    assert "\n3 " not in text
+
+
+# ---- slow: a 2x2 grid killed twice and resumed ------------------------------------------------------
+@pytest.mark.slow
+def test_grid_sweep_killed_and_resumed_matches_the_checkpoints(tmp_path):
+    sweep_dir = tmp_path / "digits" / "grid"
+    args = quick(tmp_path, "trainer.save_every_steps=4", "--run-id", "grid", "--sweep",
+                 "optimizer.args.lr=1e-3,3e-3", "seed=0,1")
+    # 1. SIGTERM to the sweep while its second run trains: forwarded, the run saves, both exit 143.
+    proc = start(args)
+    wait_for(lambda: (sweep_dir / "run-001" / "checkpoints" / "last.pth").exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out
+    assert "resume: python train.py -r" in out
+    status = {row["run_id"]: row["status"] for row in rows(sweep_dir)}
+    assert status == {"run-000": "finished", "run-001": "interrupted", "run-002": "pending", "run-003": "pending"}
+    # 2. Resume; kill -9 the sweep and its child while the third run trains.
+    proc = start(["-r", str(sweep_dir)])
+    wait_for(lambda: (sweep_dir / "run-002" / "checkpoints" / "last.pth").exists(), proc)
+    child = int((sweep_dir / "run-002" / ".lock").read_text())
+    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(child, signal.SIGKILL)
+    out2 = proc.communicate(timeout=60)[0]
+    assert "run-000" not in out2 and "resuming run-001" in out2 and "starting run-002" in out2, out2
+    # 3. Resume to the end: the killed run resumes from its checkpoint, the last one starts.
+    proc = start(["-r", str(sweep_dir)])
+    out3 = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, out3
+    assert "run-000" not in out3.split("summary")[0] and "run-001" not in out3.split("summary")[0]
+    assert "resuming run-002" in out3 and "starting run-003" in out3
+    assert "summary: mean ± std over seeds (4 finished runs)" in out3
+    assert [row["status"] for row in rows(sweep_dir)] == ["finished"] * 4
+    check_rows_against_checkpoints(sweep_dir)
+    for run in ("run-000", "run-001", "run-002", "run-003"):  # no run ran twice: one fresh start each
+        log = (sweep_dir / run / "train.log").read_text()
+        assert log.count("resuming from") == (run in ("run-001", "run-002")), (run, log)
+        assert log.count("finished: run directory") == 1
