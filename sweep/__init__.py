@@ -22,7 +22,24 @@ __all__ = ["sweep_requested", "run_sweep"]
 def sweep_requested(args: argparse.Namespace) -> bool:
     from sweep.runner import is_sweep_dir
 
-    return bool(args.sweep or args.sweep_trials or args.folds) or bool(args.resume and is_sweep_dir(args.resume))
+    if args.sweep or args.sweep_trials or args.folds:
+        return True
+    if args.resume:
+        return is_sweep_dir(args.resume)
+    return not args.print_config and _config_folds(args) is not None
+
+
+def _config_folds(args: argparse.Namespace) -> int | None:
+    """`data_loader.folds: K` without a `fold` in the config (and its overrides): the k-fold runs."""
+    from config.files import apply_overrides, read_config_file
+    from config.schema import is_known_path
+
+    try:
+        loader = apply_overrides(read_config_file(args.config), list(args.overrides), known=is_known_path)["data_loader"]
+        folds = loader.get("folds")
+        return folds if isinstance(folds, int) and not isinstance(folds, bool) and loader.get("fold") is None else None
+    except (UserError, KeyError, TypeError, AttributeError):
+        return None  # reported by the single run's validation
 
 
 def run_sweep(args: argparse.Namespace, stop) -> int:
@@ -88,6 +105,8 @@ def _planned(args: argparse.Namespace) -> tuple[Path | None, dict]:
 
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc: {args.nproc} must be at least 1")
+    if args.folds is None and not args.sweep and not args.sweep_trials:
+        args.folds = _config_folds(args)
     if args.folds is not None and args.folds < 2:
         raise UserError(f"--folds: {args.folds} must be at least 2")
     if args.sweep_trials is not None and args.sweep_trials < 1:

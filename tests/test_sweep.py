@@ -152,3 +152,72 @@ def test_grid_sweep_killed_and_resumed_matches_the_checkpoints(tmp_path):
         log = (sweep_dir / run / "train.log").read_text()
         assert log.count("resuming from") == (run in ("run-001", "run-002")), (run, log)
         assert log.count("finished: run directory") == 1
+
+
+# ---- k-fold ----------------------------------------------------------------------------------------
+def test_folds_are_disjoint_covering_and_deterministic():
+    import torch
+
+    from base.base_data_loader import fold_indices
+
+    n, k = 103, 5
+    parts = [fold_indices(n, k, i, seed=7) for i in range(k)]
+    valid = [v for _, v in parts]
+    assert sorted(torch.cat(valid).tolist()) == list(range(n))  # covering, and disjoint (no repeats)
+    assert {len(v) for v in valid} == {20, 21}
+    for train, v in parts:
+        assert sorted(torch.cat([train, v]).tolist()) == list(range(n)) and not set(train.tolist()) & set(v.tolist())
+    again = [fold_indices(n, k, i, seed=7)[1] for i in range(k)]
+    assert all(torch.equal(a, b) for a, b in zip(valid, again))
+    assert not torch.equal(fold_indices(n, k, 0, seed=8)[1], valid[0])
+
+
+def test_fold_keys_reach_the_data_loader_and_are_checked():
+    import torch
+
+    from base.base_data_loader import fold_indices
+    from config import load_config
+    from config.build import build_data_loaders
+    from errors import ConfigError
+
+    config = load_config(CONFIG, ["data_loader.folds=4", "data_loader.fold=2", "seed=3",
+                                  "data_loader.args.validation_split=0.0", "trainer.monitor=max val_accuracy"])
+    train, valid = build_data_loaders(config)
+    expected_train, expected_valid = fold_indices(train.n_samples, 4, 2, seed=3)
+    assert torch.equal(train.valid_indices, expected_valid) and torch.equal(train.sampler.indices, expected_train)
+    assert valid is not None and len(valid.sampler.indices) == len(expected_valid)
+    with pytest.raises(ConfigError, match="needs data_loader.folds"):
+        load_config(CONFIG, ["data_loader.fold=1"])
+    with pytest.raises(ConfigError, match="must be < data_loader.folds"):
+        load_config(CONFIG, ["data_loader.folds=3", "data_loader.fold=3"])
+
+
+@pytest.mark.slow
+def test_kfold_summary_and_a_killed_fold_resumes_bit_identical(tmp_path):
+    import statistics
+
+    from test_resume import assert_bit_identical
+
+    sweep_dir = tmp_path / "digits" / "cv"
+    # `data_loader.folds: 3` in the config is the whole k-fold command (same as --folds 3).
+    proc = start(quick(tmp_path, "trainer.save_every_steps=3", "data_loader.folds=3", "--run-id", "cv"))
+    wait_for(lambda: (sweep_dir / "fold-2" / "checkpoints" / "last.pth").exists(), proc)
+    child = int((sweep_dir / "fold-2" / ".lock").read_text())
+    os.kill(child, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    proc = start(["-r", str(sweep_dir)])
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, out
+    assert "fold-0" not in out.split("summary")[0] and "resuming fold-2" in out, out
+    assert [row["status"] for row in rows(sweep_dir)] == ["finished"] * 3
+    assert [row["data_loader.fold"] for row in rows(sweep_dir)] == ["0", "1", "2"]
+    check_rows_against_checkpoints(sweep_dir)
+    values = [load(sweep_dir / f"fold-{i}" / "checkpoints" / "last.pth")["metrics"]["val_loss"] for i in range(3)]
+    assert "over folds (3 finished runs)" in out
+    assert f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" in out, out
+    # The same fold trained without interruption, as a plain run.
+    run_script("train.py", *quick(tmp_path, "trainer.save_every_steps=3", "data_loader.folds=3",
+                                  "data_loader.fold=2", "--run-id", "reference"), check=True)
+    assert_bit_identical(sweep_dir / "fold-2" / "checkpoints" / "last.pth",
+                         tmp_path / "digits" / "reference" / "checkpoints" / "last.pth")
