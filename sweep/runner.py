@@ -255,8 +255,8 @@ def finish(sweep_dir: Path, spec: dict, rows: list[dict]) -> int:
     failed = [row["run_id"] for row in rows if row["status"] == "failed"]
     print(f"sweep.csv: {sweep_dir / CSV_NAME}")
     if failed:
-        print(f"failed: {', '.join(failed)} (see their train.log; python train.py -r {sweep_dir} tries them again)",
-              file=sys.stderr)
+        again = "" if spec["kind"] == "search" else f"; python train.py -r {sweep_dir} tries them again"
+        print(f"failed: {', '.join(failed)} (see their train.log{again})", file=sys.stderr)
         return 1
     return 0
 

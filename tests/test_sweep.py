@@ -221,3 +221,52 @@ def test_kfold_summary_and_a_killed_fold_resumes_bit_identical(tmp_path):
                                   "data_loader.fold=2", "--run-id", "reference"), check=True)
     assert_bit_identical(sweep_dir / "fold-2" / "checkpoints" / "last.pth",
                          tmp_path / "digits" / "reference" / "checkpoints" / "last.pth")
+
+
+# ---- Optuna ------------------------------------------------------------------------------------------
+def test_search_needs_a_monitor_and_ranges(tmp_path):
+    pytest.importorskip("optuna")
+    proc = run_script("train.py", *quick(tmp_path), "trainer.monitor=off", "--sweep-trials", "3", "--sweep",
+                      "optimizer.args.lr=log(1e-4,1e-1)")
+    assert proc.returncode == 2 and "trainer.monitor" in proc.stderr and not any(tmp_path.iterdir())
+    proc = run_script("train.py", *quick(tmp_path), "--sweep-trials", "3", "--sweep",
+                      "optimizer.args.lr=log(1e-4,1e-1)", "arch.args.dropout=choice(0.1,oops)")
+    assert proc.returncode == 2 and "arch.args.dropout" in proc.stderr and not any(tmp_path.iterdir()), proc.stderr
+
+
+@pytest.mark.slow
+def test_optuna_search_with_pruning_killed_and_resumed(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    from optuna.trial import TrialState
+
+    sweep_dir = tmp_path / "digits" / "search"
+    proc = start(quick(tmp_path, "trainer.save_every_steps=3", "--run-id", "search", "--sweep-trials", "6",
+                       "--sweep", "optimizer.args.lr=log(1e-6,1e-1)"))
+    wait_for(lambda: (sweep_dir / "trial-002" / "checkpoints" / "last.pth").exists(), proc, 240)
+    child = int((sweep_dir / "trial-002" / ".lock").read_text())
+    os.kill(child, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    assert [t.state for t in study.trials][-1] == TrialState.RUNNING
+    proc = start(["-r", str(sweep_dir)])
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    assert "trial-000" not in out.split("summary")[0] and "resuming trial-002" in out, out
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    assert [t.number for t in study.trials] == list(range(6))  # none lost, none run twice
+    states = {f"trial-{t.number:03d}": t for t in study.trials}
+    table = rows(sweep_dir)
+    assert [row["run_id"] for row in table] == sorted(states)
+    for row in table:
+        trial = states[row["run_id"]]
+        assert row["status"] == {TrialState.COMPLETE: "finished", TrialState.PRUNED: "pruned"}[trial.state], row
+        assert float(row["optimizer.args.lr"]) == trial.params["optimizer.args.lr"]
+        if trial.state == TrialState.COMPLETE:
+            assert float(row["best_val_accuracy"]) == trial.value
+        log = (sweep_dir / row["run_id"] / "train.log").read_text()
+        assert log.count("resuming from") == log.count("run directory: ") - 1 == (row["run_id"] == "trial-002")
+        if trial.state == TrialState.PRUNED:
+            assert "pruned by the Optuna search" in log and max(trial.intermediate_values) == int(row["epochs"])
+    assert "pruned" in [row["status"] for row in table]
+    check_rows_against_checkpoints(sweep_dir)
