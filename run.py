@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -39,12 +38,12 @@ def _resolve_config(args: argparse.Namespace):
     if not args.resume:
         return load_config(args.config, overrides), None, None, Path(args.config).suffix.lower()
     from checkpoint import check_resume_state, find_resume_checkpoint, load_checkpoint
-    from runtime.run_dir import locate_resume
+    from runtime.run_dir import locate_checkpoint
 
-    target, run_dir = locate_resume(args.resume)
+    target, run_dir = locate_checkpoint(args.resume)
     notes = []
     if target.is_dir():
-        path, state, notes = find_resume_checkpoint(target)  # checked like the file below
+        path, state, notes = find_resume_checkpoint(run_dir)  # checked like the file below
     else:
         path, state = target, load_checkpoint(target)
         check_resume_state(state, path)
@@ -128,7 +127,7 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
     try:
         seed_everything(config["seed"], cfg["deterministic"])
         model = build_model(config)
-        train_loader, valid_loader = build_data_loaders(config, dist.rank, dist.world_size)
+        train_loader, valid_loader = build_data_loaders(config, dist.rank, dist.world_size, device)
         model = model.to(device)
         optimizer = build_optimizer(config, model)
         if resume:
@@ -182,7 +181,9 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
                         f"{torch.distributed.get_backend()}, per-process batch {train_loader.batch_size}"
                         + (f", {converted} SyncBatchNorm layers" if cfg["sync_batchnorm"] else ""))
         if cfg["compile"]:
-            model = torch.compile(model)
+            from runtime.compile import compile_model
+
+            model = compile_model(model, cfg["compile"])
             logger.info("model compiled with torch.compile (the first steps include compilation)")
         if dist.enabled and dist.rank != 0:
             # Per-rank random streams (dropout) differ; the model was initialised identically above.

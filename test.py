@@ -14,7 +14,7 @@ from errors import UserError, problem_lines
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the test split.")
     parser.add_argument("-r", "--resume", required=True,
-                        help="checkpoint file, or a run directory (its best.pth, else last.pth)")
+                        help="checkpoint file, run directory or its checkpoints/ folder (best.pth, else last.pth)")
     parser.add_argument("-c", "--config", help="config to use instead of the one stored in the checkpoint")
     parser.add_argument("-d", "--device", help="device: auto, cpu, cuda, cuda:N, mps")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
@@ -22,18 +22,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
-    from pathlib import Path
-
     from checkpoint import check_eval_state, load_checkpoint, load_model_state
     from config import load_config, resolve_config
-
     from runtime.device import device_option
+    from runtime.run_dir import locate_checkpoint
 
     overrides = list(args.overrides) + ([f"device={device_option(args.device)}"] if args.device else [])
-    path = Path(args.resume)
+    path, _ = locate_checkpoint(args.resume)  # a run directory, its checkpoints/ folder or a file
     if path.is_dir():
-        path = next((p for p in (path / "checkpoints" / "best.pth", path / "checkpoints" / "last.pth") if p.exists()),
-                    path / "checkpoints" / "best.pth")
+        path = next((p for p in (path / "best.pth", path / "last.pth") if p.exists()), path / "best.pth")
     state = load_checkpoint(path)
     check_eval_state(state, path, need_config=not args.config)
     if args.config:
@@ -49,7 +46,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     model = build_model(config)
     load_model_state(model, state["state_dict"], strict=True, source=str(path))
     model = model.to(device)
-    loader = build_test_loader(config)
+    loader = build_test_loader(config, device=device)
     # The run's own trainer class: its `step` and evaluation loop are the ones validation ran.
     trainer = trainer_class(config)(model, build_loss(config), build_metrics(config), None, config, device, None)
     trainer.verbosity = 0  # only the `name: value` lines on stdout

@@ -16,7 +16,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a model from a config file.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", help="config file (.json, .yaml or .yml)")
-    parser.add_argument("-r", "--resume", help="run directory or checkpoint to resume from")
+    parser.add_argument("-r", "--resume", help="run directory, its checkpoints/ folder, or a checkpoint to resume from")
     parser.add_argument("-d", "--device", help="device: auto, cpu, cuda, cuda:N, mps (overrides the config)")
     parser.add_argument("--run-id", help="name of the run directory (default: a timestamp)")
     parser.add_argument("--lr", type=float, help="learning rate (optimizer.args.lr)")

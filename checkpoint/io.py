@@ -3,11 +3,12 @@
 A checkpoint is a plain dict (see README: Checkpoint format) saved by torch.save, which writes a zip
 archive with a CRC-32 of every record (the pickle of the dict, and each tensor's bytes). torch.load
 checks neither those CRCs nor the consistency of the zip structure, so a flipped bit would load
-silently: load_checkpoint checks both first (checkpoint/archive.py). The checksum costs nothing extra
-to write: torch.save computes it.
+silently: load_checkpoint checks both first (checkpoint/archive.py), over the mapped file, then loads it
+with mmap=True (no second read). The checksum costs nothing extra to write: torch.save computes it.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import shutil
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from checkpoint.archive import ZIP_MAGIC, ArchiveError, ChecksumMismatch, verify_archive
+from checkpoint.file_kind import describe_not_a_checkpoint, why_refused
 from checkpoint.validate import check_resume_state
 from errors import CheckpointError, TrainingError
 from runtime.atomic_write import atomic_write, fsync_dir, remove_quietly, temporary_path
@@ -114,16 +116,21 @@ def load_checkpoint(path: str | Path) -> dict:
     """Verify the archive (structure and every record's CRC-32), then load with weights_only=True;
     every failure is a CheckpointError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
+    kind = describe_not_a_checkpoint(path)  # a config, a log, a directory: said so, not "corrupt"
+    if kind:
+        raise CheckpointError(f"{path}: {kind}")
     try:
         # One open file for the check and the load: the bytes verified are the bytes loaded, even if
         # the name is replaced meanwhile.
         with open(path, "rb") as handle:
-            if handle.read(4) == ZIP_MAGIC:  # else a legacy pickle, refused (or reported) by torch.load below
+            if handle.read(4) == ZIP_MAGIC:
                 verify_archive(handle)
-            handle.seek(0)
-            state = torch.load(handle, map_location="cpu", weights_only=True)
+                state = _load_mapped(handle)
+            else:  # a legacy pickle, refused (or reported) by torch.load
+                handle.seek(0)
+                state = torch.load(handle, map_location="cpu", weights_only=True)
     except ChecksumMismatch as exc:
         raise CheckpointError(f"{path}: checksum mismatch: the file is corrupted ({exc})") from None
     except ArchiveError as exc:
@@ -131,8 +138,7 @@ def load_checkpoint(path: str | Path) -> dict:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if "Weights only load failed" in first or "Unsupported global" in str(exc):
-            raise CheckpointError(f"{path}: refused: it contains objects other than tensors and plain data "
-                                  f"(a pickle payload?); it was not executed") from None
+            raise CheckpointError(f"{path}: {why_refused(path)}") from None
         raise CheckpointError(f"{path}: corrupt checkpoint ({first or 'unpickling failed'})") from None
     except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes torch raise, it is the file's fault
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -140,6 +146,18 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or "state_dict" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no state_dict)")
     return state
+
+
+def _load_mapped(handle) -> Any:
+    """torch.load with mmap=True of the file open as `handle`: its tensors are views of the page cache that
+    verify_archive has just checked, not a second read of the file. torch opens the file by name, so it
+    gets a name of this open file (not of the path, which may be replaced meanwhile). The mapping is
+    private whatever torch's default: an in-place update of a loaded tensor (the optimizer's state on the
+    CPU after a resume) copies the page and never writes into the checkpoint."""
+    name = next((f"{folder}/{handle.fileno()}" for folder in ("/proc/self/fd", "/dev/fd") if os.path.isdir(folder)),
+                handle.name)
+    with torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE):
+        return torch.load(name, mmap=True, map_location="cpu", weights_only=True)
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict, list[str]]:

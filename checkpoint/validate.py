@@ -101,6 +101,10 @@ def _check(state: dict, spec: dict, path: Path, prefix: str = "") -> None:
 def check_resume_state(state: dict, path: str | Path) -> None:
     """Everything a resume reads, in the types it needs (CheckpointError otherwise)."""
     path = Path(path)
+    if isinstance(state.get("converted_from"), dict):  # checkpoint/convert.py: weights and config only
+        raise CheckpointError(f"{path}: converted from a {state['converted_from'].get('tool')} checkpoint, it holds "
+                              f"weights, not a run's state, and cannot be resumed; start a run from its weights: "
+                              f"python train.py -c CONFIG arch.pretrained={path}")
     _check(state, RESUME_KEYS, path)
     for index, rank in enumerate(state["ranks"]):
         if not isinstance(rank, dict):

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from config import NESTED_SCHEDULERS
 from config.registry import candidates, resolve
 from errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _construct(where: str, target: Callable, *args: Any, **kwargs: Any):
@@ -51,16 +54,27 @@ def build_model(config: dict):
     return model
 
 
-def build_data_loaders(config: dict, rank: int = 0, world_size: int = 1):
+def _loader_args(cls, args: dict, device: torch.device | None) -> dict:
+    """The config's args, with pin_memory on where the device is CUDA and the config does not say: batches in
+    page-locked memory are what makes the trainer's `.to(device, non_blocking=True)` asynchronous."""
+    import inspect
+
+    if device is not None and device.type == "cuda" and "pin_memory" not in args \
+            and "pin_memory" in inspect.signature(cls).parameters:
+        return {**args, "pin_memory": True}
+    return args
+
+
+def build_data_loaders(config: dict, rank: int = 0, world_size: int = 1, device: torch.device | None = None):
     """(train loader, validation loader or None), split and ordered by the config's seed."""
     spec = config["data_loader"]
     cls, _ = resolve("data_loader", spec["type"], "data_loader.type")
-    loader = _construct("data_loader.args", cls, **spec["args"])
+    loader = _construct("data_loader.args", cls, **_loader_args(cls, spec["args"], device))
     loader.configure(config["seed"], rank, world_size, folds=spec.get("folds"), fold=spec.get("fold"))
     return loader, loader.split_validation()
 
 
-def build_test_loader(config: dict, rank: int = 0, world_size: int = 1):
+def build_test_loader(config: dict, rank: int = 0, world_size: int = 1, device: torch.device | None = None):
     """The test split: the same data loader type with training=False, unshuffled, no validation split."""
     import inspect
 
@@ -69,7 +83,7 @@ def build_test_loader(config: dict, rank: int = 0, world_size: int = 1):
     accepted = inspect.signature(cls).parameters
     if "training" not in accepted:
         raise ConfigError(f"data_loader.type: {spec['type']} has no `training` argument, so it has no test split")
-    args = {**spec["args"], "training": False, "shuffle": False, "validation_split": 0.0}
+    args = {**_loader_args(cls, spec["args"], device), "training": False, "shuffle": False, "validation_split": 0.0}
     loader = _construct("data_loader.args", cls, **{k: v for k, v in args.items() if k in accepted})
     loader.configure(config["seed"], rank, world_size)
     loader.sampler.pad = False  # evaluation counts every sample exactly once

@@ -16,11 +16,12 @@ from typing import Any
 REQUIRED = object()
 # \Z, not $: `$` also matches before a final newline, which would let "run\n" through.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 @dataclass(frozen=True)
 class Key:
-    kind: str  # str | int | float | bool | list | dict | section | loss
+    kind: str  # str | int | float | bool | list | dict | section | loss | switch (a bool or a section)
     doc: str
     default: Any = REQUIRED
     choices: tuple = ()
@@ -60,7 +61,8 @@ SCHEMA: dict[str, Key] = {
                           nullable=True),
         "strict": Key("bool", "with pretrained: false loads only matching keys and logs the others", True),
     }),
-    "data_loader": _typed("data loader", "a BaseDataLoader subclass in data_loader/", {
+    "data_loader": _typed("data loader", "a BaseDataLoader subclass in data_loader/; its pin_memory, unless args "
+                                         "give it, is true when the device is CUDA", {
         "folds": Key("int", "k-fold cross-validation: K folds of a seeded permutation of the training split; "
                             "`python train.py -c CONFIG` then trains K runs (README: Many runs)", None, minimum=2,
                      nullable=True),
@@ -113,7 +115,14 @@ SCHEMA: dict[str, Key] = {
         "clip_grad_value": Key("float", "clip each gradient element to [-v, v]", None, minimum=0,
                                exclusive_minimum=True, nullable=True),
         "deterministic": Key("bool", "torch.use_deterministic_algorithms(True)", False),
-        "compile": Key("bool", "torch.compile the model (checkpoints keep eager key names)", False),
+        "compile": Key("switch", "torch.compile the model: true, or {mode, dynamic} (checkpoints keep eager key "
+                                 "names)", False, keys={
+            "mode": Key("str", "torch.compile mode; reduce-overhead and max-autotune use CUDA graphs on a GPU",
+                        "default", choices=COMPILE_MODES),
+            "dynamic": Key("bool", "null: the batch dimension of the model's inputs is dynamic, so a short last "
+                                   "batch reuses the compiled graph; true: every dimension; false: none (a new "
+                                   "batch size compiles again)", None, nullable=True),
+        }),
         "sync_batchnorm": Key("bool", "convert BatchNorm to SyncBatchNorm under torchrun", False),
         "ddp_backend": Key("str", "torch.distributed backend under torchrun: auto (nccl on CUDA, else gloo), "
                                   "gloo or nccl", "auto", choices=("auto", "gloo", "nccl")),
@@ -159,12 +168,14 @@ def _kind_ok(kind: str, value: Any) -> tuple[bool, Any]:
         return isinstance(value, dict), value
     if kind in ("loss", "metric"):
         return isinstance(value, (str, dict)), value
+    if kind == "switch":
+        return isinstance(value, (bool, dict)), value
     raise AssertionError(kind)
 
 
 KIND_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
               "list": "a list", "dict": "a mapping", "section": "a mapping", "loss": "a name or {type, args}",
-              "metric": "a name or {type, args, name}"}
+              "metric": "a name or {type, args, name}", "switch": "true, false or a mapping"}
 
 
 def snake_case(name: str) -> str:
@@ -229,7 +240,7 @@ def _validate_value(value: Any, key: Key, where: str, problems: list[str]) -> An
         return value
     if key.kind == "section":
         return _validate_section(value, key.keys, where, problems)
-    if key.kind == "loss" and isinstance(value, dict):
+    if key.kind in ("loss", "switch") and isinstance(value, dict):
         return _validate_section(value, key.keys, where, problems)
     if key.kind == "list" and key.item:
         for i, item in enumerate(value):
@@ -286,7 +297,7 @@ def keys_under(parts: list[str]) -> list[str]:
 
 
 TYPE_NAMES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "list",
-              "dict": "mapping", "section": "section", "loss": "string or section", "metric": "name or section"}
+              "dict": "mapping", "section": "section", "loss": "string or section", "metric": "name or section", "switch": "boolean or section"}
 
 
 def _type_cell(key: Key) -> str:

@@ -132,22 +132,28 @@ def write_config(config: dict, run_dir: Path, suffix: str) -> Path:
     return path
 
 
-def locate_resume(target: str) -> tuple[Path, Path | None]:
-    """(checkpoint file or run directory, run directory) for `-r target`."""
+def locate_checkpoint(target: str) -> tuple[Path, Path | None]:
+    """What `-r target` names, for train.py and test.py alike: (a checkpoint file, or the checkpoints/ folder
+    to choose one from; the run directory, or None for a file outside one). A run directory, its
+    checkpoints/ folder and a checkpoint file are all accepted."""
     path = Path(target)
-    if path.is_dir():
-        if not (path / "checkpoints").is_dir():
-            raise UserError(f"-r {target}: not a run directory (no checkpoints/ folder) and not a checkpoint file")
-        if not has_checkpoint(path):
-            config = next((p for p in (path / "config.yaml", path / "config.json") if p.exists()), None)
-            how = f"python train.py -c {config} --run-id {path.name}" if config else f"--run-id {path.name}"
-            raise UserError(f"-r {target}: the run stopped before its first checkpoint, so there is nothing to "
-                            f"resume; start it afresh with: {how}")
-        return path, path
     if not path.exists():
         raise UserError(f"-r {target}: no such file or directory")
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    return path, run_dir
+    if not path.is_dir():
+        return path, path.parent.parent if path.parent.name == "checkpoints" else None
+    if (path / "checkpoints").is_dir():
+        run_dir = path
+    elif path.resolve().name == "checkpoints":
+        run_dir = path.parent if path.name == "checkpoints" else path.resolve().parent
+    else:
+        raise UserError(f"-r {target}: not a run directory (no checkpoints/ folder), nor a checkpoints/ folder, "
+                        f"nor a checkpoint file")
+    if not has_checkpoint(run_dir):
+        config = next((p for p in (run_dir / "config.yaml", run_dir / "config.json") if p.exists()), None)
+        how = f"python train.py -c {config} --run-id {run_dir.name}" if config else f"--run-id {run_dir.name}"
+        raise UserError(f"-r {target}: the run stopped before its first checkpoint, so there is nothing to "
+                        f"resume or evaluate; start it afresh with: {how}")
+    return run_dir / "checkpoints", run_dir
 
 
 def config_changes(old, new, prefix: str = "") -> list[tuple[str, object, object]]:

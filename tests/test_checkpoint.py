@@ -350,3 +350,72 @@ def test_files_without_crcs_from_elsewhere_load_unverified(tmp_path):
     finally:
         torch.serialization.set_crc32_options(previous)
     assert torch.equal(load_checkpoint(tmp_path / "foreign.pth")["state_dict"]["w"], torch.arange(4.0))
+
+
+def test_crc32_combine_matches_zlib():
+    import random
+    import zlib
+
+    from checkpoint.archive import crc32_combine
+
+    generator = random.Random(0)
+    for _ in range(200):
+        a, b = generator.randbytes(generator.randrange(3000)), generator.randbytes(generator.randrange(3000))
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+def test_records_checked_in_pieces_on_threads(tmp_path, monkeypatch):
+    """Large records are split into pieces over two threads and their CRCs joined: a good file passes, a flipped
+    byte anywhere in a record (first piece, a middle one, the last byte) is still refused."""
+    import checkpoint.archive as archive
+
+    monkeypatch.setattr(archive, "PIECE", 4096)  # a 200 KB tensor then makes ~16 tasks
+    state = {"state_dict": {"big": torch.arange(50_000, dtype=torch.float32), "small": torch.ones(3)}}
+    good = save_checkpoint(state, tmp_path / "good.pth")
+    assert torch.equal(load_checkpoint(good)["state_dict"]["big"], state["state_dict"]["big"])
+    start, size = next(span for name, span in record_data_offsets(good).items() if span[1] == 200_000)
+    for where in (0, 5000, size // 2, size - 1):
+        data = bytearray(good.read_bytes())
+        data[start + where] ^= 0x10
+        bad = tmp_path / f"flip-{where}.pth"
+        bad.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match="checksum mismatch"):
+            load_checkpoint(bad)
+
+
+def test_loaded_tensors_are_private_to_the_process(tmp_path):
+    """load_checkpoint maps the file (mmap=True): writing into a loaded tensor in place (an optimizer's state after
+    a resume) must not reach the file, even where torch's default mapping was made shared; and replacing the file
+    afterwards (as every save does, by rename) leaves the loaded tensors as they were."""
+    import mmap
+
+    state = {"state_dict": {"w": torch.arange(1000.0)}}
+    path = save_checkpoint(state, tmp_path / "a.pth")
+    before = path.read_bytes()
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        loaded = load_checkpoint(path)
+    assert torch.serialization.get_default_mmap_options() == mmap.MAP_PRIVATE  # the setting is restored
+    loaded["state_dict"]["w"].mul_(2)
+    assert path.read_bytes() == before
+    save_checkpoint({"state_dict": {"w": torch.zeros(1000)}}, path)
+    assert torch.equal(loaded["state_dict"]["w"], torch.arange(1000.0) * 2)
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.zeros(1000))
+
+
+def test_the_file_verified_is_the_file_loaded(tmp_path, monkeypatch):
+    """torch.load(mmap=True) opens the file by name: it is given the open file's name, so a checkpoint renamed
+    over the path between the check and the load (a concurrent save) is not what gets loaded."""
+    import checkpoint.io as io
+
+    path = save_checkpoint({"state_dict": {"w": torch.ones(10)}}, tmp_path / "a.pth")
+    other = save_checkpoint({"state_dict": {"w": torch.zeros(10)}}, tmp_path / "b.pth")
+    verify = io.verify_archive
+
+    def verify_then_replace(handle):
+        verify(handle)
+        os.replace(other, path)
+
+    monkeypatch.setattr(io, "verify_archive", verify_then_replace)
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.ones(10))
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.zeros(10))

@@ -518,6 +518,70 @@ def test_compiled_run_saves_eager_keys_and_resumes_eagerly(tmp_path):
     assert last(saved / "tiny/compiled")["global_step"] == 2
 
 
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_reuses_the_graph_for_a_short_last_batch(tmp_path, monkeypatch, backend):
+    """trainer.compile (dynamic: null) marks the batch dimension dynamic: two epochs of 100 samples (6 x 16 + 4)
+    compile one graph. Without the mark (torch's own default) the short batch compiles a second one, and so does
+    dynamic: false. (Evaluation runs the module unwrapped, uncompiled: Trainer.evaluate.) Counted with dynamo's
+    counters; the eager backend (dynamo alone, which is what decides recompiles) keeps the quick variant fast."""
+    import runtime.compile
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    variants = {"marked": None, "unmarked": None, "static": False}
+    if backend == "eager":  # mode is an inductor option
+        original = torch.compile
+        monkeypatch.setattr(torch, "compile", lambda model, mode, dynamic: original(model, backend="eager",
+                                                                                    dynamic=dynamic))
+    else:
+        variants = {"marked": None}
+    graphs = {}
+    for name, dynamic in variants.items():
+        if name == "unmarked":
+            monkeypatch.setattr(runtime.compile, "_dynamic_batch_dimension", lambda module, args, kwargs: None)
+        torch._dynamo.reset()
+        counters.clear()
+        config = tiny(n_train=100, batch_size=16, epochs=2, compile={"mode": "default", "dynamic": dynamic})
+        assert run(tmp_path, config, run_id=name)[0] == 0
+        graphs[name] = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs == {"marked": 1, "unmarked": 2, "static": 2} if backend == "eager" else {"marked": 1}
+
+
+def test_compile_config_is_a_switch_or_mode_and_dynamic(tmp_path):
+    from errors import ConfigError
+
+    for value in (True, False, {"mode": "max-autotune"}, {"dynamic": True}, {}):
+        assert load_config(write(tmp_path, tiny(compile=value)))["trainer"]["compile"] in (value, {
+            "mode": "default", "dynamic": None, **value} if isinstance(value, dict) else value)
+    for value, message in (("fast", "trainer.compile: expected true, false or a mapping, got 'fast'"),
+                           ({"mode": "fastest"}, "trainer.compile.mode: 'fastest' is not one of default, "
+                                                 "reduce-overhead, max-autotune, max-autotune-no-cudagraphs"),
+                           ({"dynamic": "yes please"}, "trainer.compile.dynamic: expected true or false"),
+                           ({"fullgraph": True}, "trainer.compile.fullgraph: unknown key")):
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, tiny(compile=value)))
+        assert message in str(info.value), str(info.value)
+
+
+# ---- 10b. data loading on CUDA ------------------------------------------------------------------
+def test_pin_memory_defaults_on_for_cuda_and_an_explicit_value_wins(tmp_path):
+    """Built for a CUDA device the loaders pin their batches (else non_blocking copies are pageable and block);
+    pin_memory in the config wins either way. (Only the construction: no GPU needed.)"""
+    from config.build import build_test_loader
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    config = load_config(write(tmp_path, tiny()))
+    for device, pinned in ((cuda, True), (cpu, False), (None, False)):
+        train_loader, valid_loader = build_data_loaders(config, device=device)
+        assert train_loader.pin_memory is pinned and valid_loader.pin_memory is pinned
+        assert build_test_loader(config, device=device).pin_memory is pinned
+    config["data_loader"]["args"]["pin_memory"] = False
+    assert build_data_loaders(config, device=cuda)[0].pin_memory is False
+    config["data_loader"]["args"]["pin_memory"] = True
+    assert build_data_loaders(config, device=cpu)[0].pin_memory is True
+
+
 # ---- 11. every feature off == the plain loop ----------------------------------------------------
 def test_features_off_match_a_handwritten_loop_bit_for_bit(tmp_path):
     config = yaml.safe_load((ROOT / "configs/digits.yaml").read_text())  # CNN: BatchNorm, dropout, Adam, StepLR
