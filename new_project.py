@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-INCLUDE = ["base", "model", "data_loader", "trainer", "logger", "config", "checkpoint", "runtime", "configs", "tests",
-           "docs", ".ci", "train.py", "test.py", "predict.py", "export.py", "run.py", "errors.py", "new_project.py",
-           "requirements.txt", "requirements-extra.txt", "README.md", "pytest.ini", ".gitignore"]
+INCLUDE = ["base", "model", "data_loader", "trainer", "logger", "config", "checkpoint", "runtime", "sweep", "configs",
+           "tests", "docs", ".ci", "train.py", "test.py", "predict.py", "export.py", "run.py", "errors.py",
+           "new_project.py", "requirements.txt", "requirements-extra.txt", "README.md", "pytest.ini", ".gitignore"]
 SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis", "saved", "data", ".venv",
                               "*.tmp-*")
 

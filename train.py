@@ -24,6 +24,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--dry-run", action="store_true",
                         help="build everything, run one batch forward and backward, write nothing, exit")
+    parser.add_argument("--sweep", nargs="+", metavar="KEY=VALUES", help="run every combination (key=a,b,c), or "
+                        "search ranges (log(lo,hi), int(lo,hi), float(lo,hi), choice(a,b)) with --sweep-trials")
+    parser.add_argument("--sweep-trials", type=int, metavar="N", help="an Optuna search of N trials over the --sweep ranges")
+    parser.add_argument("--folds", type=int, metavar="K", help="k-fold cross-validation: K runs, one per validation fold")
+    parser.add_argument("--nproc", type=int, metavar="N", help="with a sweep: run each run under torchrun with N processes")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     # Intermixed: overrides may come before and after options (`a=1 --dry-run b=2`).
     args = parser.parse_intermixed_args(argv)
@@ -43,6 +48,10 @@ def main(argv: list[str] | None = None, *, process_exits: bool = False) -> int:
     # import (a C++ callback there aborts the process); run.py stops before writing anything.
     stop = StopSignal().install()
     try:
+        from sweep import run_sweep, sweep_requested
+
+        if sweep_requested(args):  # many runs, each a child train.py (README: Many runs)
+            return run_sweep(args, stop)
         from run import train_run
 
         return train_run(args, stop)

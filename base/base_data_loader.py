@@ -12,6 +12,7 @@ from torch.utils.data.dataloader import default_collate
 
 from data_loader.datasets import StackedBatch
 from data_loader.sampler import EpochSampler, mix_seed
+from errors import ConfigError
 from runtime import signals
 
 
@@ -65,6 +66,20 @@ def split_indices(n: int, validation_split: float | int, seed: int) -> tuple[tor
     return order[n_valid:].sort().values, order[:n_valid].sort().values
 
 
+def fold_indices(n: int, folds: int, fold: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, valid) indices for k-fold cross-validation: a seeded permutation of range(n) cut into
+    `folds` near-equal parts; part `fold` validates, the others train. The parts are disjoint and
+    together cover range(n); the same seed gives the same parts, and no global RNG moves."""
+    if not 2 <= folds <= n:
+        raise ConfigError(f"data_loader.folds: {folds} folds of {n} samples (at least 2, at most one per sample)")
+    if not 0 <= fold < folds:
+        raise ConfigError(f"data_loader.fold: {fold} must be in [0, {folds})")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, 0xF01D)))
+    parts = torch.tensor_split(order, folds)
+    train = torch.cat([part for i, part in enumerate(parts) if i != fold])
+    return train.sort().values, parts[fold].sort().values
+
+
 class WorkerSafeDataLoader(DataLoader):
     """A DataLoader whose workers survive SIGINT/SIGTERM sent to the process group (`timeout`, Slurm,
     systemd, Ctrl-C), so the main process can save and exit 130/143 (see runtime/signals.py).
@@ -94,7 +109,7 @@ class BaseDataLoader(WorkerSafeDataLoader):
 
     Subclasses build their Dataset and call `super().__init__`, as in pytorch-template. Pass
     `valid_dataset` (the same samples, built with a non-augmenting transform) to validate without
-    augmentation. The builder calls `configure(seed, rank, world_size)` once after construction.
+    augmentation. The builder calls `configure(seed, rank, world_size, folds, fold)` once after construction.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True,
@@ -117,9 +132,14 @@ class BaseDataLoader(WorkerSafeDataLoader):
         super().__init__(dataset, sampler=sampler, drop_last=drop_last, generator=torch.Generator(),
                          **self._loader_kwargs)
 
-    def configure(self, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        """Redo the split with the run's seed and select this process's share of every epoch."""
-        train_idx, self.valid_indices = split_indices(self.n_samples, self.validation_split, seed)
+    def configure(self, seed: int, rank: int = 0, world_size: int = 1, folds: int | None = None,
+                  fold: int | None = None) -> None:
+        """Redo the split with the run's seed (fold `fold` of `folds` validates, in place of
+        validation_split) and select this process's share of every epoch."""
+        if folds:
+            train_idx, self.valid_indices = fold_indices(self.n_samples, folds, fold or 0, seed)
+        else:
+            train_idx, self.valid_indices = split_indices(self.n_samples, self.validation_split, seed)
         self.sampler.indices = train_idx
         self.sampler.seed, self.sampler.rank, self.sampler.world_size = seed, rank, world_size
         self.seed = seed

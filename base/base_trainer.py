@@ -57,6 +57,8 @@ class BaseTrainer(metaclass=ABCMeta):
         self.epoch_running = False  # inside an epoch's training loop: a checkpoint holds its running sums
         self.resumed_epoch_state: list[dict] | None = None  # those sums from a mid-epoch checkpoint
         self.not_improved_count, self.best_epoch = 0, 0
+        self.last_metrics: dict[str, float] = {}  # the last finished epoch's values, kept in checkpoints
+        self.should_stop = False  # set by a hook or callback: end the run cleanly after this epoch's checkpoint
         self.callbacks: list = []  # objects with the hook methods below (trainer/callbacks.py)
 
     # ---- hooks: override in a subclass (trainer.type) to extend the loop -------------------------
@@ -104,6 +106,7 @@ class BaseTrainer(metaclass=ABCMeta):
                 self._step_epoch_scheduler(result)
                 improved = self._update_monitor(result)
                 self._log_epoch(epoch, result, time.perf_counter() - started, improved)
+                self.last_metrics = {key: float(value) for key, value in result.items()}
                 self.batch_in_epoch = self.samples_in_epoch = 0
                 self._save_epoch(epoch, improved)
                 epochs_run += 1
@@ -112,6 +115,9 @@ class BaseTrainer(metaclass=ABCMeta):
                         self.stop_signal.finish()  # saved: a further signal has nothing left to stop
                     raise Interrupted(self.stop_signal.signum, f"stopped by signal at epoch {epoch} end; "
                                                                f"checkpoint saved")
+                if self.should_stop:  # e.g. a pruned sweep trial: stopped like early stopping, checkpoint saved
+                    early_stopped = True
+                    break
                 if self.early_stop and self.not_improved_count >= self.early_stop:
                     self.logger.info(f"early stopping: {self.monitor_metric} did not improve for "
                                      f"{self.early_stop} epochs")
@@ -201,6 +207,7 @@ class BaseTrainer(metaclass=ABCMeta):
             "data_order": {"seed": self.config["seed"], "epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch},
             "world_size": self.dist.world_size,
             "ranks": ranks,
+            "metrics": dict(self.last_metrics),
         }
 
     def _write(self, state: dict, name: str) -> Path | None:
@@ -251,6 +258,7 @@ class BaseTrainer(metaclass=ABCMeta):
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.monitor_best, self.not_improved_count = state["monitor_best"], state["not_improved_count"]
         self.best_epoch = state["best_epoch"]
+        self.last_metrics = dict(state.get("metrics") or {})
         if state["epoch_finished"]:
             self.start_epoch = self.epoch + 1
         else:

@@ -74,6 +74,7 @@ def _check_types(config: dict, problems: list[str]) -> None:
     if isinstance(arch, dict) and isinstance(arch.get("init"), dict):
         _check_typed(arch, "init", problems, where="arch.init", skip_positional=1)
     loader_cls = _check_typed(config, "data_loader", problems)
+    _check_folds(config.get("data_loader"), problems)
     _check_typed(config, "optimizer", problems, injected=("params",))
     loss = config.get("loss")
     if isinstance(loss, str):
@@ -103,6 +104,16 @@ def _check_types(config: dict, problems: list[str]) -> None:
                 problems.append(problem)
         if metrics is not None:  # with an unknown metric the list of what the run logs means nothing
             _check_monitor(config, loader_cls, problems)
+
+
+def _check_folds(spec, problems: list[str]) -> None:
+    if not isinstance(spec, dict) or not isinstance(spec.get("fold"), int):
+        return
+    folds = spec.get("folds")
+    if not isinstance(folds, int):
+        problems.append("data_loader.fold: needs data_loader.folds (the number of folds)")
+    elif spec["fold"] >= folds:
+        problems.append(f"data_loader.fold: {spec['fold']} must be < data_loader.folds ({folds})")
 
 
 def _check_scheduler(spec, where: str, problems: list[str]) -> None:
@@ -186,7 +197,7 @@ def metric_names(config: dict, loader_cls=None) -> list[str]:
     args = config["data_loader"].get("args")
     args = args if isinstance(args, dict) else {}
     split = args.get("validation_split", default_of(loader_cls, "validation_split", 0.0) if loader_cls else 0.0)
-    if split:
+    if split or config["data_loader"].get("folds"):
         names += [f"val_{name}" for name in names]
     return names
 

@@ -70,7 +70,7 @@ def build_data_loaders(config: dict, rank: int = 0, world_size: int = 1, device:
     spec = config["data_loader"]
     cls, _ = resolve("data_loader", spec["type"], "data_loader.type")
     loader = _construct("data_loader.args", cls, **_loader_args(cls, spec["args"], device))
-    loader.configure(config["seed"], rank, world_size)
+    loader.configure(config["seed"], rank, world_size, folds=spec.get("folds"), fold=spec.get("fold"))
     return loader, loader.split_validation()
 
 

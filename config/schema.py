@@ -62,7 +62,13 @@ SCHEMA: dict[str, Key] = {
         "strict": Key("bool", "with pretrained: false loads only matching keys and logs the others", True),
     }),
     "data_loader": _typed("data loader", "a BaseDataLoader subclass in data_loader/; its pin_memory, unless args "
-                                         "give it, is true when the device is CUDA"),
+                                         "give it, is true when the device is CUDA", {
+        "folds": Key("int", "k-fold cross-validation: K folds of a seeded permutation of the training split; "
+                            "`python train.py -c CONFIG` then trains K runs (README: Many runs)", None, minimum=2,
+                     nullable=True),
+        "fold": Key("int", "with folds: this run validates on fold i (0 <= i < folds) and trains on the others, "
+                           "in place of validation_split", None, minimum=0, nullable=True),
+    }),
     "optimizer": _typed("optimizer", "a torch.optim class; the builder passes the model's parameters"),
     "loss": Key("loss", "name of a function in model/loss.py, or {type, args} to bind keyword arguments",
                 keys={"type": Key("str", "a function in model/loss.py"),

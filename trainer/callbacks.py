@@ -6,6 +6,7 @@ own: subclass `Callback` and append an instance to `self.callbacks` in a Trainer
 """
 from __future__ import annotations
 
+import os
 from fnmatch import fnmatch
 from functools import partial
 
@@ -127,4 +128,8 @@ def build_callbacks(config: dict, model: nn.Module) -> list[Callback]:
         callbacks.append(Watch(model, cfg["watch"]["modules"], cfg["watch"]["every_steps"]))
     if cfg.get("freeze"):
         callbacks.append(Freeze(model, cfg["freeze"]["modules"], cfg["freeze"]["until_epoch"]))
+    if os.environ.get("SWEEP_OPTUNA_TRIAL_ID"):  # this run is a trial of an Optuna search (sweep/search.py)
+        from sweep.search import TrialReport
+
+        callbacks.append(TrialReport.from_environment())
     return callbacks
