@@ -47,6 +47,8 @@ def _resolve_config(args: argparse.Namespace):
     else:
         path, state = target, load_checkpoint(target)
         check_resume_state(state, path)
+        if run_dir is not None:
+            run_dir = _continue_in(run_dir, path, state, args.run_id)
     source = f"{path} (config)"
     config = load_config(args.config, overrides) if args.config else resolve_config(state.get("config"), overrides, source)
     saved = plain_tree(state.get("config"), source)  # a tree: walks of pickle's shared lists stay linear
@@ -55,6 +57,44 @@ def _resolve_config(args: argparse.Namespace):
         _refuse_type_changes(saved, config, path)
     suffix = ".json" if run_dir is not None and (run_dir / "config.json").exists() else ".yaml"
     return config, {"state": state, "path": path, "notes": notes, "saved": saved}, run_dir, suffix
+
+
+def _build_trainer(cls, *args):
+    """The trainer, or one line naming the user's file:line when a Trainer subclass's __init__ fails."""
+    try:
+        return cls(*args)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's __init__ (reading config["user"], say)
+        from runtime.blame import describe_error, locate
+
+        at = locate(exc)
+        raise ConfigError(f"trainer.type: {cls.__name__}() failed{f' at {at[1]}' if at else ''}: "
+                          f"{describe_error(exc)}") from None
+
+
+def _continue_in(run_dir: Path, path: Path, state: dict, run_id: str | None) -> Path | None:
+    """The run directory a checkpoint inside it continues, or None for a new one (`--run-id`). An older
+    checkpoint (best.pth, epoch-N.pth) continued in place would overwrite the run's newer ones."""
+    import os
+
+    from checkpoint import load_checkpoint
+    from errors import CheckpointError
+
+    last = run_dir / "checkpoints" / "last.pth"
+    if not last.exists() or os.path.samefile(path, last):
+        return run_dir
+    try:
+        newest = load_checkpoint(last)["global_step"]
+    except (CheckpointError, KeyError):
+        return run_dir  # a damaged last.pth: this checkpoint is the newest that loads
+    if state["global_step"] >= newest:
+        return run_dir
+    if run_id is not None:
+        return None  # a new run, started from this checkpoint's state
+    raise UserError(f"-r {path}: an older checkpoint of {run_dir} (step {state['global_step']}; its last.pth is at "
+                    f"step {newest}): continuing there would overwrite the run's newer checkpoints; to start a new "
+                    f"run from it: python train.py -r {path} --run-id NEW_ID")
 
 
 def _kind(section: str, spec) -> str:
@@ -139,8 +179,8 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
         build_callbacks(config, model)  # trainer.watch/freeze module names are checked before anything is written
         notes = _check_steps(train_loader, config, dist)
         # The first batches through the trainer's own step, loss and metrics (forward only, no trace left).
-        probe = trainer_class(config)(model, criterion, metric_fns, optimizer, config, device, train_loader,
-                                      valid_loader, lr_scheduler)
+        probe = _build_trainer(trainer_class(config), model, criterion, metric_fns, optimizer, config, device,
+                               train_loader, valid_loader, lr_scheduler)
         sanity_pass(probe)
         if stop.requested and not dist.enabled:  # (under torchrun the ranks agree at the first check point)
             raise Interrupted(stop.signum, "interrupted before training started; no checkpoint was written")
@@ -173,7 +213,7 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
             write_config(config, run_dir, suffix)
         logger.info(f"run directory: {run_dir}")
         for note in notes:
-            logger.warning(f"warning: {note}")
+            logger.warning(note)
         logger.info(model_summary(model))
         if dist.enabled:
             model, converted = wrap_model(model, device, cfg["sync_batchnorm"], find_unused=cfg["freeze"] is not None)
@@ -320,8 +360,9 @@ def _finished(state: dict, config: dict, where) -> str | None:
         return None
     epoch, cfg = state["epoch"], config["trainer"]
     if epoch >= cfg["epochs"]:
-        return (f"{where}: this run already finished its {cfg['epochs']} epochs (step {state['global_step']}); "
-                f"nothing to do. To train it further: python train.py -r {where} trainer.epochs={epoch + 10}")
+        return (f"{where}: this run already finished {epoch} epoch{'s' if epoch != 1 else ''} (step "
+                f"{state['global_step']}; trainer.epochs is {cfg['epochs']}); nothing to do. To train it further: "
+                f"python train.py -r {where} trainer.epochs={epoch + 10}")
     if cfg["early_stop"] and state["not_improved_count"] >= cfg["early_stop"]:
         return (f"{where}: this run stopped early at epoch {epoch} ({cfg['monitor'].split()[-1]} did not improve "
                 f"for {cfg['early_stop']} epochs); nothing to do. To train it further: python train.py -r {where} "
@@ -330,8 +371,10 @@ def _finished(state: dict, config: dict, where) -> str | None:
 
 
 def _resume_command(run_dir: Path, dist) -> str:
+    import shlex
+
     launcher = f"torchrun --standalone --nproc_per_node={dist.world_size} " if dist.enabled else "python "
-    return f"{launcher}train.py -r {run_dir}"
+    return f"{launcher}train.py -r {shlex.quote(str(run_dir))}"
 
 
 def _ended(exc: BaseException, trainer, resume_command: str) -> BaseException:
@@ -355,7 +398,10 @@ def _ended(exc: BaseException, trainer, resume_command: str) -> BaseException:
         log_file_only(logger, f"interrupted (second Ctrl-C) at {where}; the newest checkpoint on disk is intact"
                       + (f"; resume: {resume_command}" if saved else ""), "WARNING")
         return exc
-    if isinstance(exc, UserError):
+    if isinstance(exc, UserError):  # found by the first real step (a detached loss): the directory exists
+        exc = UserError(f"{' '.join(str(exc).split())}; {trainer.run_dir} was created"
+                        + ("" if saved else " but holds no checkpoint (delete it, or fix and rerun with "
+                                            f"--run-id {trainer.run_dir.name} to reuse it)"))
         log_file_only(logger, f"failed at {where}: {exc}", "ERROR")
         return exc
     if isinstance(exc, TrainingError):

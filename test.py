@@ -31,17 +31,37 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     trainer = trained.trainer
     trainer.verbosity = 0  # only the `name: value` lines on stdout
     print(f"evaluating {trained.path} on the test split ({len(loader.sampler)} samples)", file=sys.stderr)
-    return trainer.evaluate(loader, desc="test")
+    from trainer.sanity import DONE, SanityError, sanity_pass
+
+    try:  # the first test batch through dataset, collate, step and metrics: a mistake there is one line
+        sanity_pass(trainer, [("test", loader)])
+    except SanityError as exc:
+        raise SanityError(str(exc).replace(DONE, "(checked before evaluating)")) from None
+    try:
+        return trainer.evaluate(loader, desc="test")
+    except Exception as exc:  # noqa: BLE001 - an error in the user's code, after the first batch
+        from runtime.blame import describe_error, locate
+
+        piece, at = locate(exc) or ("evaluation", None)
+        raise EvaluationError(f"{piece} failed{f' at {at}' if at else ''} during evaluation: "
+                              f"{describe_error(exc)}") from exc
+
+
+class EvaluationError(Exception):
+    exit_code = 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         results = evaluate(args)
-    except UserError as exc:
+    except (UserError, EvaluationError) as exc:
         for line in problem_lines(exc):
             print(f"error: {line}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     for name, value in results.items():
         print(f"{name}: {value:.4f}")
     return 0

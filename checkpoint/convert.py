@@ -15,6 +15,7 @@ new runs (`arch.pretrained: NEW.pth`), which build their optimizer afresh.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,8 @@ def convert(old: Path, new: Path) -> list[str]:
         raise CheckpointError(f"{old}: {kind}")
     if new.exists() and new.resolve() == old.resolve():
         raise CheckpointError(f"{new}: the new checkpoint must not overwrite the old one")
+    if os.path.lexists(new):  # a config or another run's checkpoint: never replaced by a conversion
+        raise CheckpointError(f"{new}: already exists; name a new file (or delete it first)")
     try:
         saved = read_untrusted(old)
     except UntrustedFileError as exc:

@@ -40,7 +40,7 @@ def load_trained(resume: str | Path, config_file: str | None = None, overrides: 
 
     from runtime.device import device_option
 
-    overrides = list(overrides) + ([f"device={device_option(device)}"] if device else [])
+    overrides = list(overrides) + ([f"device={device_option(device, several=False)}"] if device else [])
     path = checkpoint_file(resume)
     state = load_checkpoint(path)
     check_eval_state(state, path, need_config=not config_file)

@@ -17,12 +17,17 @@ WORKER_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
 HOOKS = ("on_train_start", "on_epoch_start", "on_batch_end", "on_validation_end", "on_train_end")
 
 
-def _ours(filename: str) -> bool:
+# The checks' own wrappers (the sanity pass watches the loss's operations): never the place to blame.
+WRAPPERS = {ROOT / "trainer" / "sanity.py"}
+
+
+def is_ours(filename: str) -> bool:
     path = Path(filename).resolve()
-    return path.is_relative_to(ROOT) and not {".venv", "site-packages"} & set(path.parts)
+    return (path.is_relative_to(ROOT) and not {".venv", "site-packages"} & set(path.parts)
+            and path not in WRAPPERS)
 
 
-def _shown(filename: str) -> str:
+def shown(filename: str) -> str:
     """Relative to the working directory when inside it (the usual case: the project's root), else absolute."""
     try:
         relative = os.path.relpath(filename)
@@ -59,17 +64,17 @@ def locate(exc: BaseException) -> tuple[str, str] | None:
     text = str(exc)
     if "Original Traceback" in text:  # re-raised from a DataLoader worker: its frames are text
         for filename, line, function in reversed(WORKER_FRAME.findall(text)):
-            if _ours(filename):
-                return _piece(filename, function), f"{_shown(filename)}:{line}"
+            if is_ours(filename):
+                return _piece(filename, function), f"{shown(filename)}:{line}"
     found = None
     for frame, line in traceback.walk_tb(exc.__traceback__):
-        if _ours(frame.f_code.co_filename):
+        if is_ours(frame.f_code.co_filename):
             found = frame, line
     if found is None:
         return None
     frame, line = found
     owner = frame.f_locals.get("self")
-    return _piece(frame.f_code.co_filename, frame.f_code.co_name, owner), f"{_shown(frame.f_code.co_filename)}:{line}"
+    return _piece(frame.f_code.co_filename, frame.f_code.co_name, owner), f"{shown(frame.f_code.co_filename)}:{line}"
 
 
 def describe_error(exc: BaseException) -> str:

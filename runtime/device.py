@@ -7,11 +7,13 @@ import sys
 from errors import ConfigError
 
 
-def device_option(spec: str, argv: list[str] | None = None) -> str:
+def device_option(spec: str, argv: list[str] | None = None, several: bool = True) -> str:
     """`-d` as pytorch-template spelled it: GPU indices. `-d 0` is cuda:0; several indices (`-d 0,1`) need one
     process per GPU, so the answer is the torchrun command that runs them."""
     if re.fullmatch(r"\d+", spec):
         return f"cuda:{spec}"
+    if re.fullmatch(r"\d+(,\d+)+", spec) and not several:
+        raise ConfigError(f"-d {spec}: this command runs on one device; name one (e.g. -d {spec.split(',')[0]})")
     if re.fullmatch(r"\d+(,\d+)+", spec):
         argv = list(sys.argv if argv is None else argv)
         kept, skip = [], False

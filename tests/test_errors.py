@@ -55,12 +55,24 @@ USER_LOSSES = '''
 
 def plain_mse(output, target):
     return F.mse_loss(output, target.float())
+
+
+def squeezing_bce(output, target):
+    return F.binary_cross_entropy_with_logits(output.squeeze(1), (target > 4).float())
+
+
+def manual_mse(output, target):
+    return ((output - target.float()) ** 2).mean()
 '''
 
 USER_METRICS = '''
 
 def target_mean(output, target):
     return torch.mean(target)  # fails on a Long target
+
+
+def per_sample(output, target):
+    return (output.argmax(1) == target).float()
 '''
 
 DROP_LAST_LOADER = '''
@@ -160,11 +172,46 @@ def test_an_output_that_broadcasts_against_the_target_is_reported_not_warned(pro
     proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "arch.type=OneOutput", "arch.args={}",
                  "loss=plain_mse", "metrics=[]", "trainer.monitor=off")
     assert proc.returncode == 2
+    line = line_of(project / "model" / "loss.py", "F.mse_loss(output, target.float())")
     assert one_error(proc) == (
         "error: the first training batch (StackedBatch((64, 1, 8, 8) float32, (64,) int64)): the loss got output "
-        "of shape (64, 1) and target of shape (64,), which broadcast to (64, 64): it would compare every output "
-        "with every target; make the shapes equal (e.g. output.squeeze(1) in the model or the step)")
+        f"and target of shapes (64, 1) and (64,), which broadcast at model/loss.py:{line} to (64, 64): every output "
+        "is compared with every target; make the shapes equal (e.g. output.squeeze(1) in the model or the step) "
+        "(checked before training; nothing was written)")
     assert not (tmp_path / "saved").exists()
+
+
+def test_a_loss_that_reshapes_the_output_itself_is_not_refused_and_a_hand_written_one_is(project, tmp_path):
+    common = ["-c", "configs/digits.yaml", "arch.type=OneOutput", "arch.args={}", "metrics=[]", "trainer.monitor=off",
+              "--dry-run"]
+    assert train(project, tmp_path / "saved", *common, "loss=squeezing_bce").returncode == 0
+    proc = train(project, tmp_path / "saved", *common, "loss=manual_mse")
+    line = line_of(project / "model" / "loss.py", "((output - target.float()) ** 2)")
+    assert proc.returncode == 2 and f"which broadcast at model/loss.py:{line} to (64, 64)" in one_error(proc)
+
+
+def test_a_metric_returning_one_value_per_sample_is_refused_before_training(project, tmp_path):
+    proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "metrics=[per_sample]",
+                 "trainer.monitor=off")
+    assert proc.returncode == 2
+    assert one_error(proc) == (
+        "error: the first training batch (StackedBatch((64, 1, 8, 8) float32, (64,) int64)): metric 'per_sample' "
+        "returned a tensor of shape (64,); a function metric returns one number per batch (e.g. the batch mean) "
+        "(checked before training; nothing was written)")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_a_trainer_init_that_fails_is_one_line_naming_its_line(project, tmp_path):
+    (project / "trainer" / "reads_user.py").write_text(
+        "from trainer.trainer import Trainer\n\n\n"
+        "class ReadsUser(Trainer):\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        super().__init__(*args, **kwargs)\n"
+        "        self.margin = self.config['user']['margin']\n")
+    proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "trainer.type=ReadsUser", "user.margn=1")
+    assert proc.returncode == 2
+    assert one_error(proc) == ("error: trainer.type: ReadsUser() failed at trainer/reads_user.py:7: KeyError: "
+                               "'margin'")
 
 
 def test_the_sanity_pass_leaves_weights_buffers_and_random_streams_alone():
@@ -270,6 +317,51 @@ def test_a_signal_is_recorded_in_train_log_with_the_resume_command(project, tmp_
     assert "WARNING stopped by signal at epoch" in last and last.endswith(f"(SIGTERM); {command}")
 
 
+def test_test_py_errors_in_user_code_are_one_line(project, tmp_path):
+    save = tmp_path / "saved"
+    assert train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=1", "arch.type=FailsLater",
+                 "arch.args={fail_after: 100000}", "metrics=[accuracy]", "trainer.monitor=off",
+                 "--run-id", "t").returncode == 0
+    run = save / "digits" / "t"
+
+    def test_py(*overrides):
+        proc = subprocess.run([PYTHON, "test.py", "-r", str(run), *overrides], cwd=project, capture_output=True,
+                              text=True, timeout=300)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if not line.startswith("evaluating ")]
+        assert len(lines) == 1, proc.stderr
+        return proc.returncode, lines[0]
+
+    code, error = test_py("metrics=[per_sample]")
+    assert code == 2 and error.endswith("metric 'per_sample' returned a tensor of shape (64,); a function metric "
+                                        "returns one number per batch (e.g. the batch mean) (checked before "
+                                        "evaluating)"), error
+    code, error = test_py("arch.args.fail_after=3")  # the first test batch passes, the fourth call fails
+    line = line_of(project / "model" / "model.py", 'raise ValueError(f"call')
+    assert code == 1
+    assert error == (f"error: model forward (FailsLater) failed at model/model.py:{line} during evaluation: "
+                     f"ValueError: call 4 went wrong")
+
+
+def test_an_older_checkpoint_of_a_run_is_not_continued_over_its_newer_ones(project, tmp_path):
+    save = tmp_path / "saved"
+    assert train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=2", "trainer.save_period=1",
+                 "--run-id", "o").returncode == 0
+    run = save / "digits" / "o"
+    before = (run / "checkpoints" / "last.pth").read_bytes()
+    older = run / "checkpoints" / "epoch-1.pth"
+    proc = train(project, save, "-r", str(older), "trainer.epochs=3")
+    assert proc.returncode == 2
+    assert one_error(proc) == (f"error: -r {older}: an older checkpoint of {run} (step 20; its last.pth is at step "
+                               f"40): continuing there would overwrite the run's newer checkpoints; to start a new "
+                               f"run from it: python train.py -r {older} --run-id NEW_ID")
+    assert (run / "checkpoints" / "last.pth").read_bytes() == before
+    branch = train(project, save, "-r", str(older), "trainer.epochs=3", "--run-id", "branch")
+    assert branch.returncode == 0, branch.stderr
+    assert (save / "digits" / "branch" / "checkpoints" / "epoch-3.pth").exists()
+    assert (run / "checkpoints" / "last.pth").read_bytes() == before
+
+
 # ---- 5. runs that cannot train ----------------------------------------------------------------------
 
 def test_zero_steps_per_epoch_is_refused_and_a_huge_batch_is_a_warning(project, tmp_path):
@@ -283,7 +375,7 @@ def test_zero_steps_per_epoch_is_refused_and_a_huge_batch_is_a_warning(project, 
     assert not (tmp_path / "saved").exists()
     proc = train(project, tmp_path / "saved", *common, "--bs", "100", "--run-id", "big")
     assert proc.returncode == 0, proc.stderr
-    warning = ("warning: data_loader.args.batch_size: 100 is larger than the training split (32 samples): every "
+    warning = ("data_loader.args.batch_size: 100 is larger than the training split (32 samples): every "
                "epoch is one optimizer step")
     assert warning in proc.stdout + proc.stderr
     assert warning in (tmp_path / "saved" / "digits" / "big" / "train.log").read_text()
@@ -296,8 +388,8 @@ def test_resuming_a_finished_run_says_so_and_names_the_override(project, tmp_pat
     log_size = (run / "train.log").stat().st_size
     proc = train(project, save, "-r", str(run))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == (f"{run}: this run already finished its 1 epochs (step 20); nothing to do. To "
-                                   f"train it further: python train.py -r {run} trainer.epochs=11")
+    assert proc.stdout.strip() == (f"{run}: this run already finished 1 epoch (step 20; trainer.epochs is 1); "
+                                   f"nothing to do. To train it further: python train.py -r {run} trainer.epochs=11")
     assert (run / "train.log").stat().st_size == log_size  # nothing written
     more = train(project, save, "-r", str(run), "trainer.epochs=2")
     assert more.returncode == 0 and "finished: run directory" in more.stdout

@@ -296,6 +296,10 @@ class Trainer(BaseTrainer):
         loss = out.get("loss")
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            if type(self).step is Trainer.step:  # the default step returns what the configured loss returned
+                loss_name = self.config["loss"] if isinstance(self.config["loss"], str) else self.config["loss"]["type"]
+                raise ConfigError(f"loss: {loss_name} (model/loss.py) must return one number (e.g. the batch mean), "
+                                  f"got {got} (batch: {describe(batch)})")
             raise ConfigError(f"{name}: 'loss' must be a tensor holding one number, got {got} (batch: "
                               f"{describe(batch)})")
         if training and not loss.requires_grad:
