@@ -9,7 +9,7 @@ from runtime.signals import StopSignal
 
 EPILOG = """overrides: key.path=value after the options, e.g. trainer.epochs=3 optimizer.args.lr=0.01
 (values use YAML scalar rules; list items by index: metrics.0=accuracy).
-exit status: 0 done, 1 training failed, 2 bad input, 130/143 stopped by SIGINT/SIGTERM (checkpoint saved)."""
+exit status: 0 done, 1 training failed, 2 bad input, 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP (checkpoint saved)."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

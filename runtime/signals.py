@@ -1,5 +1,5 @@
-"""SIGINT/SIGTERM: the first asks the loop to stop after the current step (and save); a second
-SIGINT raises KeyboardInterrupt at once. Checkpoint writes are atomic, so neither corrupts a file.
+"""SIGINT/SIGTERM/SIGHUP: the first asks the loop to stop after the current step (and save); a second
+SIGINT raises KeyboardInterrupt at once. (SIGHUP: the terminal or ssh session closed.) Checkpoint writes are atomic, so neither corrupts a file.
 
 `timeout`, Slurm's scancel, systemd and Ctrl-C signal the whole process group, DataLoader workers
 included. Those signals are the main process's to act on: workers ignore them (`ignore_in_worker`),
@@ -14,7 +14,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StopSignal:
@@ -79,7 +79,8 @@ def ignore_in_worker() -> None:
     draws the same line).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGHUP})
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # also without deferred_in_children
     parent = os.getppid()
 

@@ -299,22 +299,24 @@ def test_train_log_ends_with_how_the_run_ended(project, tmp_path):
     assert last.endswith(one_error(nan)[len("error: "):])
 
 
-def test_a_signal_is_recorded_in_train_log_with_the_resume_command(project, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_is_recorded_in_train_log_with_the_resume_command(project, tmp_path, signum):
     proc = subprocess.Popen([PYTHON, "train.py", "-c", "configs/digits.yaml", "trainer.epochs=1000", "--run-id",
-                             "sig", f"trainer.save_dir={tmp_path / 'saved'}", "trainer.verbosity=1"],
+                             "sig", f"trainer.save_dir={tmp_path / 'saved'}", "trainer.verbosity=1",
+                             "data_loader.args.num_workers=2"],
                             cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("epoch 1/"):
             break
     time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
+    assert proc.returncode == 128 + signum, err
     run = tmp_path / "saved" / "digits" / "sig"
     command = f"resume: python train.py -r {run}"
-    assert err.strip().endswith(f"checkpoint saved (SIGTERM); {command}"), err
+    assert err.strip().endswith(f"checkpoint saved ({signum.name}); {command}"), err
     last = (run / "train.log").read_text().rstrip().splitlines()[-1]
-    assert "WARNING stopped by signal at epoch" in last and last.endswith(f"(SIGTERM); {command}")
+    assert "WARNING stopped by signal at epoch" in last and last.endswith(f"({signum.name}); {command}")
 
 
 def test_test_py_errors_in_user_code_are_one_line(project, tmp_path):
