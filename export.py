@@ -91,8 +91,10 @@ def model_inputs(trainer, model, batch) -> tuple:
         with torch.no_grad():
             trainer.predict_step(batch)
     except Exception as exc:  # noqa: BLE001 - the task's code failed on its own test data
+        from checkpoint.trained import predict_step_hint
+
         raise ExportFailed(f"{type(trainer).__name__}.predict_step fails on a test batch "
-                           f"({type(exc).__name__}: {one_line(str(exc))})") from None
+                           f"({type(exc).__name__}: {one_line(str(exc))}){predict_step_hint(trainer)}") from None
     finally:
         handle.remove()
     if not seen:
@@ -119,8 +121,10 @@ def parity_examples(trained, loader) -> tuple[list[tuple], set[tuple[int, int]]]
                 break
         return found
 
-    examples = inputs_of(loader.batch_size, 1) + inputs_of(SMALL_BATCH, 1)
+    # The first (the one exported) holds more than one sample whatever the config's batch size: a batch of 1
+    # would fix the batch dimension. Parity is also checked on a single sample.
     singles = inputs_of(1, 8)
+    examples = inputs_of(max(loader.batch_size or 1, 2 * SMALL_BATCH), 1) + inputs_of(SMALL_BATCH, 1) + singles[:1]
     varying = {(i, d) for i, arg in enumerate(examples[0]) if hasattr(arg, "shape")
                for d in range(1, arg.dim()) if len({single[i].shape[d] for single in singles + examples}) > 1}
     return examples, varying
@@ -349,14 +353,13 @@ def export(args: argparse.Namespace) -> Path:
 
     import torch
 
-    from checkpoint.trained import load_trained
+    from checkpoint.trained import load_trained, output_file
     from config.build import build_test_loader
     from runtime.atomic_write import atomic_write
 
     trained = load_trained(args.resume, args.config, args.overrides, device="cpu", metrics=False)
-    output = Path(args.output) if args.output else trained.path.with_suffix(SUFFIXES[args.format])
-    if output.is_dir():
-        raise UserError(f"--output {output}: is a folder; name the file to write")
+    output = output_file(args.output, SUFFIXES[args.format], [trained.path]) if args.output else \
+        trained.path.with_suffix(SUFFIXES[args.format])
     try:
         loader = build_test_loader(trained.config)
     except UserError as exc:

@@ -241,15 +241,13 @@ def predict(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from checkpoint.trained import load_trained
+    from checkpoint.trained import load_trained, output_file, predict_step_hint
     from config.build import build_test_loader
     from runtime.batch import to_device
 
     kind = input_kind(args.input)
-    output = Path(args.output)
-    if output.is_dir():
-        raise UserError(f"--output {output}: is a folder; name the CSV file to write")
     trained = load_trained(args.resume, args.config, args.overrides, args.device, metrics=False)
+    output = output_file(args.output, ".csv", [trained.path] + ([Path(args.input)] if kind != "split" else []))
     config = trained.config
     try:  # the test split: its transform reads images, its dataset names the classes
         test_loader = build_test_loader(config, device=trained.device)
@@ -271,7 +269,8 @@ def predict(args: argparse.Namespace) -> int:
             with trainer.autocast:
                 return trainer.predict_step(to_device(batch, trained.device)), None
         except Exception as exc:  # noqa: BLE001 - an input of a shape or dtype the model does not take
-            return None, f"does not fit the model ({type(exc).__name__}: {one_line(str(exc))})"
+            return None, (f"does not fit the model ({type(exc).__name__}: {one_line(str(exc))})"
+                          f"{predict_step_hint(trainer)}")
 
     model.eval()
     print(f"predicting with {trained.path} on {args.input}", file=sys.stderr)

@@ -60,3 +60,29 @@ def load_trained(resume: str | Path, config_file: str | None = None, overrides: 
     metric_fns = build_metrics(config) if metrics else []
     trainer = trainer_class(config)(model, build_loss(config), metric_fns, None, config, torch_device, None)
     return Trained(path, config, model, trainer, torch_device)
+
+
+def output_file(text: str, suffix: str, keep: Sequence[Path] = ()) -> Path:
+    """`--output` of predict.py and export.py: a file to write, never a folder, an input or a checkpoint."""
+    from errors import UserError
+
+    path = Path(text)
+    if text.endswith(("/", "\\")) or path.is_dir():
+        raise UserError(f"--output {text}: is a folder; name the file to write (e.g. {path / ('predictions' + suffix)})")
+    if path.exists():
+        if any(path.resolve() == Path(other).resolve() for other in keep):
+            raise UserError(f"--output {text}: is an input of this command; name another file")
+        if path.suffix.lower() != suffix:
+            raise UserError(f"--output {text}: exists and is not a {suffix} file; name a new file (or delete it)")
+    return path
+
+
+def predict_step_hint(trainer) -> str:
+    """Why predict_step may not fit: a task that overrides `step` but not `predict_step`."""
+    from trainer.trainer import Trainer
+
+    cls = type(trainer)
+    if cls.step is not Trainer.step and cls.predict_step is Trainer.predict_step:
+        return (f"; {cls.__name__} overrides step but not predict_step, whose default is self.model(input): "
+                f"override predict_step(self, batch) to run the model as step does (README: Your own training step)")
+    return ""

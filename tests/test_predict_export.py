@@ -191,7 +191,7 @@ def test_export_torch_export_matches_and_describes_its_inputs(digits, tmp_path, 
                                        str(output)], capsys)
     assert code == 0, err
     assert out.startswith(f"exported {output} (torch_export), inputs x float32[batch, 1, 8, 8]; parity with the eager "
-                          f"model on 67 test samples: largest difference "), out  # 64 and 3
+                          f"model on 68 test samples: largest difference "), out  # 64, 3 and 1
     module = torch.export.load(output).module()
     for n in (1, 5, 20):  # the batch dimension is dynamic
         torch.testing.assert_close(module(digits["images"][:n]), digits["logits"][:n], atol=ATOL, rtol=RTOL)
@@ -199,7 +199,7 @@ def test_export_torch_export_matches_and_describes_its_inputs(digits, tmp_path, 
     assert info["inputs"] == [{"name": "x", "shape": ["batch", 1, 8, 8], "dtype": "float32"}]
     assert info["outputs"] == [{"shape": ["batch", 10], "dtype": "float32"}]
     assert info["arch"] == "DigitsCNN" and info["format"] == "torch_export" and info["file"] == "digits.pt2"
-    assert info["parity"]["batch_sizes"] == [64, 3] and info["parity"]["max_abs_difference"] <= ATOL
+    assert info["parity"]["batch_sizes"] == [64, 3, 1] and info["parity"]["max_abs_difference"] <= ATOL
     assert info["preprocessing"]["transform"] is None and info["classes"] is None
 
 
@@ -473,6 +473,58 @@ def test_the_scripts_as_commands(tmp_path_factory):
     output = run_dir / "checkpoints" / "best.pt2"  # beside the checkpoint
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout.startswith(f"exported {output} (torch_export), inputs x float32[batch, 1, 8, 8]; parity with "
-                                  f"the eager model on 67 test samples: largest difference ")
+                                  f"the eager model on 68 test samples: largest difference ")
     assert proc.stdout.endswith(f"; preprocessing in {output}.json\n")
     assert output.exists() and Path(f"{output}.json").exists()
+
+
+# ---- found by a new user's trial: outputs that would destroy a file, a batch size of 1 ----------------
+
+def test_an_output_never_replaces_the_input_the_checkpoint_or_a_folder(digits, tmp_path, capsys):
+    predict, export = import_script("predict"), import_script("export")
+    checkpoint, images = digits["checkpoint"], digits["folder"] / "images.npy"
+    before = checkpoint.read_bytes(), images.read_bytes()
+    cases = [(predict, ["--input", str(images), "--output", str(images)],
+              f"--output {images}: is an input of this command; name another file"),
+             (predict, ["--input", "split:test", "--output", str(checkpoint)],
+              f"--output {checkpoint}: exists and is not a .csv file; name a new file (or delete it)"),
+             (predict, ["--input", str(images), "--output", f"{tmp_path / 'new'}/"],
+              f"--output {tmp_path / 'new'}/: is a folder; name the file to write (e.g. "
+              f"{tmp_path / 'new' / 'predictions.csv'})"),
+             (export, ["--format", "torch_export", "--output", str(checkpoint)],
+              f"--output {checkpoint}: exists and is not a .pt2 file; name a new file (or delete it)")]
+    for module, argv, expected in cases:
+        code, _, err = run_main(module, ["-r", str(checkpoint), *argv], capsys)
+        assert code == 2 and err.strip().splitlines()[-1] == f"error: {expected}", err
+    assert (checkpoint.read_bytes(), images.read_bytes()) == before
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_trained_with_batch_size_1_exports_with_a_dynamic_batch(digits, tmp_path, capsys):
+    export = import_script("export")
+    output = tmp_path / "bs1.pt2"
+    code, out, err = run_main(export, ["-r", str(digits["checkpoint"]), "--format", "torch_export", "--output",
+                                       str(output), "data_loader.args.batch_size=1"], capsys)
+    assert code == 0, err
+    info = json.loads(Path(f"{output}.json").read_text())
+    assert info["parity"]["batch_sizes"] == [6, 3, 1]
+    program = torch.export.load(output).module()
+    with torch.no_grad():
+        assert torch.allclose(program(digits["images"][:5]), digits["model"](digits["images"][:5]), atol=1e-5)
+
+
+def test_a_step_without_its_predict_step_is_told_to_override_it(tmp_path):
+    from checkpoint.trained import predict_step_hint
+    from trainer.tasks import SegmentationTrainer
+    from trainer.trainer import Trainer
+
+    class MaskTrainer(Trainer):
+        def step(self, batch):
+            raise NotImplementedError
+
+    trainer = object.__new__(MaskTrainer)
+    assert predict_step_hint(trainer) == (
+        "; MaskTrainer overrides step but not predict_step, whose default is self.model(input): override "
+        "predict_step(self, batch) to run the model as step does (README: Your own training step)")
+    assert predict_step_hint(object.__new__(SegmentationTrainer)) == ""  # it overrides both
+    assert predict_step_hint(object.__new__(Trainer)) == ""
