@@ -487,12 +487,15 @@ def test_an_output_never_replaces_the_input_the_checkpoint_or_a_folder(digits, t
     cases = [(predict, ["--input", str(images), "--output", str(images)],
               f"--output {images}: is an input of this command; name another file"),
              (predict, ["--input", "split:test", "--output", str(checkpoint)],
-              f"--output {checkpoint}: exists and is not a .csv file; name a new file (or delete it)"),
+              f"--output {checkpoint}: is an input of this command; name another file"),
+             (predict, ["--input", "split:test", "--output", str(digits["folder"] / "images.npy")],
+              f"--output {digits['folder'] / 'images.npy'}: exists and is not a .csv file; name a new file (or "
+              f"delete it)"),
              (predict, ["--input", str(images), "--output", f"{tmp_path / 'new'}/"],
               f"--output {tmp_path / 'new'}/: is a folder; name the file to write (e.g. "
               f"{tmp_path / 'new' / 'predictions.csv'})"),
              (export, ["--format", "torch_export", "--output", str(checkpoint)],
-              f"--output {checkpoint}: exists and is not a .pt2 file; name a new file (or delete it)")]
+              f"--output {checkpoint}: is an input of this command; name another file")]
     for module, argv, expected in cases:
         code, _, err = run_main(module, ["-r", str(checkpoint), *argv], capsys)
         assert code == 2 and err.strip().splitlines()[-1] == f"error: {expected}", err
