@@ -22,7 +22,7 @@ __all__ = ["sweep_requested", "run_sweep"]
 def sweep_requested(args: argparse.Namespace) -> bool:
     from sweep.runner import is_sweep_dir
 
-    if args.sweep or args.sweep_trials or args.folds:
+    if args.sweep or args.sweep_trials or args.folds is not None:
         return True
     if args.resume:
         return is_sweep_dir(args.resume)
@@ -109,6 +109,11 @@ def _planned(args: argparse.Namespace) -> tuple[Path | None, dict]:
         args.folds = _config_folds(args)
     if args.folds is not None and args.folds < 2:
         raise UserError(f"--folds: {args.folds} must be at least 2")
+    if args.folds and args.sweep_trials:
+        # The folds would become one more searched value: trials compared on different validation sets.
+        raise UserError("--folds with --sweep-trials would search over the folds (each trial validated on "
+                        "another fold); cross-validate the best setting afterwards: python train.py -c CONFIG "
+                        "--folds K key=value ...")
     if args.sweep_trials is not None and args.sweep_trials < 1:
         raise UserError(f"--sweep-trials: {args.sweep_trials} must be at least 1")
     axes, fixed = parse_axes(args.sweep or [])
