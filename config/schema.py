@@ -93,7 +93,8 @@ SCHEMA: dict[str, Key] = {
                          minimum=0),
         "save_every_steps": Key("int", "also write last.pth every N optimizer steps (0: only at epoch end)", 0,
                                 minimum=0),
-        "verbosity": Key("int", "0: warnings, 1: info, 2: debug", 2, minimum=0, maximum=2),
+        "verbosity": Key("int", "console: 0 warnings and errors, 1 adds progress, epoch lines and the summary, "
+                                  "2 adds debug lines (train.log always gets everything)", 1, minimum=0, maximum=2),
         "monitor": Key("str", "'min <metric>' or 'max <metric>' (e.g. 'max val_accuracy'), or 'off'", "off"),
         "early_stop": Key("int", "stop after N epochs without improvement of the monitored metric (0: never)", 0,
                           minimum=0),
