@@ -75,7 +75,8 @@ SCHEMA: dict[str, Key] = {
                       "args": Key("dict", "keyword arguments bound to it, checked against its signature", {})}),
     "metrics": Key("list", "each a function in model/metric.py (a mean of per-batch values), or a torchmetrics "
                    "class (computed over the whole epoch), by name or as {type, args, name}; logged as "
-                   "<name>/train and <name>/val (name: the function's, or the class's in snake_case)", [],
+                   "<name> in TensorBoard's train/ and val/ runs and in metrics.csv (name: the function's, "
+                   "or the class's in snake_case)", [],
                    item="metric"),
     "lr_scheduler": _typed("LR scheduler", "a torch.optim.lr_scheduler class; the builder passes the optimizer; "
                            "SequentialLR and ChainedScheduler take schedulers: [{type, args}, ...]", {
@@ -106,8 +107,10 @@ SCHEMA: dict[str, Key] = {
         "allow_nonfinite_buffers": Key("list", "fnmatch patterns of buffers (state_dict keys) that may hold inf or "
                                                "NaN; any other non-finite parameter, buffer or optimizer value "
                                                "stops the run before it reaches a checkpoint", [], item="str"),
-        "histograms": Key("bool", "weight and gradient histograms once per epoch", True),
-        "images": Key("bool", "a grid of input samples with true/predicted labels once per epoch", True),
+        "histograms": Key("bool", "weight and gradient histograms once per epoch (at most 4096 values drawn "
+                                 "per tensor)", True),
+        "images": Key("bool", "a picture of validation samples once per epoch (classification: 10 inputs with "
+                              "true and predicted classes)", True),
         "amp": Key("str", "mixed precision: off | bf16 | fp16 (fp16 uses a GradScaler)", "off",
                    choices=("off", "bf16", "fp16")),
         "accumulate_grad_batches": Key("int", "optimizer step every k micro-batches", 1, minimum=1),

@@ -31,7 +31,7 @@ from logger.logging import get_logger
 FLUSH_SECONDS = 10  # a background thread writes events out; a person watching sees each epoch soon
 MAX_QUEUE = 1000    # events waiting for that thread: at the default 10, an epoch's histograms made training wait
 MAX_PENDING = 1000  # scalars held back before they are written in one go (see Writer.add_scalar)
-HISTOGRAM_VALUES = 1 << 14  # values a histogram is drawn from (evenly strided) when a tensor has more
+HISTOGRAM_VALUES = 1 << 12  # values a histogram is drawn from (evenly strided) when a tensor has more
 HISTOGRAM_BINS = 30
 STATUSES = ("running", "finished", "early-stopped", "interrupted", "failed")
 
@@ -393,14 +393,14 @@ def _histogram_table(tensors: list, bins: int) -> tuple[list[list[float]], list[
     n = len(tensors)
     low = torch.full((n,), float("inf"), device=device).scatter_reduce(0, segment, values, "amin")
     high = torch.full((n,), float("-inf"), device=device).scatter_reduce(0, segment, values, "amax")
-    total = torch.zeros(n, device=device, dtype=torch.float64).index_add_(0, segment, values.double())
-    squares = torch.zeros(n, device=device, dtype=torch.float64).index_add_(0, segment, values.double().square())
+    total = torch.zeros(n, device=device).index_add_(0, segment, values)
+    squares = torch.zeros(n, device=device).index_add_(0, segment, values.square())
     scale = bins / (high - low).clamp_min(torch.finfo(torch.float32).tiny)
     position = ((values - low[segment]) * scale[segment]).nan_to_num_(0.0).clamp_(0, bins - 1).long()
     histogram = torch.zeros(n * bins, device=device).index_add_(0, segment * bins + position,
                                                                 torch.ones_like(values)).view(n, bins)
     factor = torch.tensor([size / d.numel() for size, d in zip(sizes, drawn)], device=device, dtype=torch.float64)
-    table = torch.cat([torch.stack([low.double(), high.double(), total * factor, squares * factor,
+    table = torch.cat([torch.stack([low.double(), high.double(), total.double() * factor, squares.double() * factor,
                                     torch.tensor(sizes, device=device, dtype=torch.float64)], dim=1),
                        histogram.double() * factor[:, None]], dim=1).cpu()  # the one copy to the host
     return table[:, :5].tolist(), table[:, 5:].tolist()
