@@ -46,12 +46,12 @@ def epoch_lines(epoch: int, epochs: int, train: dict, val: dict, seconds: float,
     head = f"epoch {epoch}/{epochs}"
     splits = [("train", train)] + ([("val", val)] if val else [])
     label = max(len(name) for name, _ in splits)
+    items = [[f"{key} {number(value)}" for key, value in values.items()] for _, values in splits]
+    if len(items) == 2 and list(train) == list(val):  # the same names: one column each, aligned
+        widths = [max(len(a), len(b)) for a, b in zip(*items)]
+        items = [[item.ljust(w) for item, w in zip(row, widths)] for row in items]
+    items[-1] += [duration(seconds)] + (["*best"] if improved else [])
     lines = []
-    for i, (name, values) in enumerate(splits):
-        items = [f"{key} {number(value)}" for key, value in values.items()]
-        if i == len(splits) - 1:
-            items.append(duration(seconds))
-            if improved:
-                items.append("*best")
-        lines += wrap(f"{head} {name:<{label}} ", items, width)
+    for (name, _), row in zip(splits, items):
+        lines += [line.rstrip() for line in wrap(f"{head} {name:<{label}} ", row, width)]
     return lines
