@@ -193,13 +193,9 @@ class BaseTrainer(metaclass=ABCMeta):
             sink.start(completed)
         if not completed or not self.writer.enabled:
             return
-        final: dict[str, float] = {}
-        last = self.metrics_csv.last_row() if self.metrics_csv is not None else None
-        if last is not None:
-            values = {k: _float(v) for k, v in last.items()
-                      if k not in ("epoch", "step", "time", "epoch_seconds") and not k.startswith("lr")}
-            validated = {k: v for k, v in values.items() if k.startswith("val_")}
-            final = {k: v for k, v in (validated or values).items() if v is not None}
+        values = dict(self.last_metrics)  # the checkpointed epoch's values
+        validated = {k: v for k, v in values.items() if k.startswith("val_")}
+        final = validated or values
         if self.monitor_mode != "off" and self.best_epoch:
             final[f"best_{self.monitor_metric}"] = self.monitor_best
         if final:
@@ -343,9 +339,3 @@ def epoch_totals_v2(totals: dict) -> dict:
                  if k not in ("loss", "n", "n_metrics")}
     return {"loss": {"total": totals["loss"], "count": totals["n"]}, "functions": functions, "objects": {}}
 
-
-def _float(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None

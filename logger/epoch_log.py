@@ -94,15 +94,6 @@ class CsvLogger(EpochLogger):
                 kept.append(row)
         return header, kept, len(kept) + 1 != len(lines)
 
-    def last_row(self) -> dict[str, str] | None:
-        """The newest row as {column: text}, or None (no file, no rows)."""
-        try:
-            with open(self.path, newline="", encoding="utf-8") as handle:
-                rows = list(csv.DictReader(handle))
-        except FileNotFoundError:
-            return None
-        return rows[-1] if rows else None
-
     def log_epoch(self, record: EpochRecord) -> None:
         row = record.row()
         if self.header is None:
