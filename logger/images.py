@@ -17,7 +17,7 @@ import functools
 import torch
 
 TILE = 80          # pixels per sample image: tiny images are scaled up so a person can see them
-CELL = 132         # pixels per sample in a classification grid: the caption may be wider than the image
+CELL = 140         # pixels per sample in a classification grid: the caption may be wider than the image
 FONT_SIZE = 21     # pixels; Pillow's own scalable font (Pillow >= 10.1 with FreeType)
 LINE = 24          # pixels per caption line
 GAP = 4            # pixels between samples
