@@ -318,10 +318,13 @@ def test_resume_after_kill_has_one_value_per_step_in_every_series_and_shows_its_
     save_dir = tmp_path / "saved"
     run_dir = save_dir / "digits" / "r"
     shutil.copytree(run[2], run_dir)
+    checkpoints = run_dir / "checkpoints"  # rewound: epoch 1's state as the newest (a new file: they are links)
+    (checkpoints / "last.pth").unlink()
+    shutil.copyfile(checkpoints / "epoch-1.pth", checkpoints / "last.pth")
     with open(run_dir / "metrics.csv", "a") as handle:
         handle.write("4,80,2026-01-01T00:00:00+00:00,0.5,0.0")  # a kill in the middle of a write
 
-    session = subprocess.Popen([PYTHON, str(ROOT / "train.py"), "-r", str(run_dir / "checkpoints" / "epoch-1.pth"),
+    session = subprocess.Popen([PYTHON, str(ROOT / "train.py"), "-r", str(run_dir),
                                 "trainer.verbosity=2", "trainer.save_every_steps=4"], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
