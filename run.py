@@ -36,11 +36,14 @@ def _resolve_config(args: argparse.Namespace):
     """(config, resume state or None, run directory to continue or None, source suffix)."""
     overrides = _overrides(args)
     if not args.resume:
+        _announce(args, overrides, Path(args.config))
         return load_config(args.config, overrides), None, None, Path(args.config).suffix.lower()
-    from checkpoint import check_resume_state, find_resume_checkpoint, load_checkpoint
     from runtime.run_dir import locate_checkpoint
 
     target, run_dir = locate_checkpoint(args.resume)
+    _announce(args, overrides, run_dir)
+    from checkpoint import check_resume_state, find_resume_checkpoint, load_checkpoint
+
     notes = []
     if target.is_dir():
         path, state, notes = find_resume_checkpoint(run_dir)  # checked like the file below
@@ -95,6 +98,41 @@ def _continue_in(run_dir: Path, path: Path, state: dict, run_id: str | None) -> 
     raise UserError(f"-r {path}: an older checkpoint of {run_dir} (step {state['global_step']}; its last.pth is at "
                     f"step {newest}): continuing there would overwrite the run's newer checkpoints; to start a new "
                     f"run from it: python train.py -r {path} --run-id NEW_ID")
+
+
+def _announce(args: argparse.Namespace, overrides: list[str], source: Path | None) -> None:
+    """A first line within a second of the start, before torch is imported (validating the config imports
+    the models; torch takes 1-2 s, 10 s and more on a busy machine): the command was understood and is
+    working. `source`: the config file, or the run directory being resumed. Quiet at trainer.verbosity 0 as
+    far as that shows without torch (an override, the file), and on ranks other than 0."""
+    import os
+
+    from config.files import read_config_file
+
+    if args.print_config or os.environ.get("RANK", "0") != "0":
+        return
+    raw = None
+    for path in ([source] if source is None or source.is_file() else [source / "config.yaml", source / "config.json"]):
+        try:
+            raw = read_config_file(path) if path is not None and path.is_file() else None
+        except (UserError, OSError, ValueError):
+            raw = None
+        if raw is not None:
+            break
+    raw = raw if isinstance(raw, dict) else {}
+    trainer = raw.get("trainer") if isinstance(raw.get("trainer"), dict) else {}
+    verbosity = trainer.get("verbosity", 1)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "trainer.verbosity":
+            verbosity = value.strip()
+    if str(verbosity) == "0":
+        return
+    if args.resume:
+        print(f"resuming {args.resume}: loading torch and the checkpoint", flush=True)
+    else:
+        name = raw.get("name") if isinstance(raw.get("name"), str) else "training"
+        print(f"{name}: loading torch, the data and the model", flush=True)
 
 
 def _kind(section: str, spec) -> str:
@@ -233,8 +271,8 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
         # A fresh start in a reused directory purges the curves of the start that left no checkpoint.
         purge = resume["state"]["global_step"] + 1 if resume else 0 if reused else None
         writer = make_writer(run_dir, cfg["tensorboard"] and dist.is_main, purge_step=purge)
-        if not resume:  # once per run, at step 0 (never purged): hyperparameters and config for TensorBoard
-            writer.add_run_start(config)
+        # Every session (a resume's overrides included): hyperparameters, config and status for TensorBoard.
+        writer.start_run(config, f"{config['name']}/{run_dir.name}")
         stop.install()
         trainer = trainer_class(config)(model, criterion, metric_fns, optimizer, config, device, train_loader,
                                         valid_loader, lr_scheduler, run_dir=run_dir, writer=writer, dist=dist,
@@ -420,20 +458,20 @@ def _ended(exc: BaseException, trainer, resume_command: str) -> BaseException:
 
 
 def _summary(logger, config: dict, run_dir: Path, trainer, result: dict, seconds: float, resumed: bool) -> None:
+    from logger.console import duration, number
+
     how = "stopped early" if result["early_stopped"] else "finished"
     logger.info(f"{how}: run directory {run_dir} ({result['epochs_run']} epoch{'s' if result['epochs_run'] != 1 else ''}{' this session' if resumed else ''}, "
-                f"step {trainer.global_step}, {_duration(seconds)})")
+                f"step {trainer.global_step}, {duration(seconds)})")
     if trainer.monitor_mode != "off" and result["best_epoch"]:
-        logger.info(f"best {trainer.monitor_metric}: {result['monitor_best']:.4f} at epoch {result['best_epoch']}")
+        logger.info(f"best {trainer.monitor_metric}: {number(result['monitor_best'])} at epoch {result['best_epoch']}")
     checkpoints = run_dir / "checkpoints"
     best = checkpoints / ("best.pth" if (checkpoints / "best.pth").exists() else "last.pth")
     logger.info(f"checkpoints: {checkpoints}")
+    logger.info(f"metrics:     {run_dir / 'metrics.csv'}")
     logger.info(f"evaluate:    python test.py -r {best}")
+    more = f"trainer.early_stop={trainer.early_stop + 5}" if result["early_stopped"] else \
+        f"trainer.epochs={trainer.epochs + 10}"
+    logger.info(f"train more:  {_resume_command(run_dir, trainer.dist)} {more}")
     if trainer.writer.enabled:
         logger.info(f"tensorboard: tensorboard --logdir {config['trainer']['save_dir']}")
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"

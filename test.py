@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     for name, value in results.items():
-        print(f"{name}: {value:.4f}")
+        print(f"{name}: {value:.4g}")  # significant digits: a loss of 1.2e-05 is not 0.0000
     return 0
 
 

@@ -46,9 +46,8 @@ def model_summary(model: nn.Module) -> str:
     lines += ["  " + "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
                                 enumerate(zip(row, widths))) for row in rows]
     counts = count_parameters(model)
-    lines.append(
-        f"  trainable parameters: {counts['trainable']:,}   frozen parameters: {counts['frozen']:,}   "
-        f"buffers: {counts['buffers']:,} saved + {counts['non_persistent_buffers']:,} not saved   "
-        f"modules: {sum(1 for _ in model.named_modules())}"
-    )
+    # Two lines: one would not fit an 80-column terminal.
+    lines.append(f"  trainable parameters: {counts['trainable']:,}   frozen parameters: {counts['frozen']:,}   "
+                 f"modules: {sum(1 for _ in model.named_modules())}")
+    lines.append(f"  buffers: {counts['buffers']:,} saved + {counts['non_persistent_buffers']:,} not saved")
     return "\n".join(lines)

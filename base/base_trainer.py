@@ -19,6 +19,8 @@ from checkpoint import (CHECKPOINT_FORMAT, capture_rng, link_checkpoint, load_mo
 from data_loader.sampler import mix_seed
 from errors import Interrupted
 from logger import NullWriter, get_logger
+from logger.console import epoch_lines, number
+from logger.epoch_log import CsvLogger, EpochLogger, EpochRecord
 from runtime.distributed import DistContext, all_reduce
 
 
@@ -59,7 +61,13 @@ class BaseTrainer(metaclass=ABCMeta):
         self.not_improved_count, self.best_epoch = 0, 0
         self.last_metrics: dict[str, float] = {}  # the last finished epoch's values, kept in checkpoints
         self.should_stop = False  # set by a hook or callback: end the run cleanly after this epoch's checkpoint
+        self.last_step_lrs: list[float] | None = None  # the rates of the last step, before a per-step scheduler moved them
         self.callbacks: list = []  # objects with the hook methods below (trainer/callbacks.py)
+        # Per-epoch sinks, each handed the same EpochRecord: metrics.csv (main process, with a run directory,
+        # TensorBoard on or off) and the TensorBoard writer.
+        main_with_dir = self.run_dir is not None and self.dist.is_main
+        self.metrics_csv = CsvLogger(self.run_dir / "metrics.csv") if main_with_dir else None
+        self.epoch_logs: list[EpochLogger] = [s for s in (self.metrics_csv, self.writer) if s is not None]
 
     # ---- hooks: override in a subclass (trainer.type) to extend the loop -------------------------
     def on_train_start(self) -> None: ...
@@ -93,8 +101,9 @@ class BaseTrainer(metaclass=ABCMeta):
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> dict:
         self._hook("on_train_start")
-        early_stopped, epochs_run = False, 0
+        early_stopped, epochs_run, status = False, 0, "failed"
         try:
+            self._start_epoch_logs()
             for epoch in range(self.start_epoch, self.epochs + 1):
                 self.epoch = epoch
                 self._hook("on_epoch_start", epoch)
@@ -103,9 +112,10 @@ class BaseTrainer(metaclass=ABCMeta):
                 if self.valid_data_loader is not None:
                     result.update({f"val_{k}": v for k, v in self._valid_epoch(epoch).items()})
                 self._hook("on_validation_end", epoch, result)
+                lrs = self.lrs_in_force()  # before the scheduler moves them: the rates this epoch trained with
                 self._step_epoch_scheduler(result)
                 improved = self._update_monitor(result)
-                self._log_epoch(epoch, result, time.perf_counter() - started, improved)
+                self._log_epoch(epoch, result, time.perf_counter() - started, improved, lrs)
                 self.last_metrics = {key: float(value) for key, value in result.items()}
                 self.batch_in_epoch = self.samples_in_epoch = 0
                 self._save_epoch(epoch, improved)
@@ -123,8 +133,13 @@ class BaseTrainer(metaclass=ABCMeta):
                                      f"{self.early_stop} epochs")
                     early_stopped = True
                     break
+            status = "early-stopped" if early_stopped else "finished"
+        except (Interrupted, KeyboardInterrupt):
+            status = "interrupted"
+            raise
         finally:
             self._hook("on_train_end")
+            self._end_epoch_logs(status)
             self.writer.flush()
         return {"best_epoch": self.best_epoch, "monitor_best": self.monitor_best, "early_stopped": early_stopped,
                 "epochs_run": epochs_run}
@@ -151,18 +166,51 @@ class BaseTrainer(metaclass=ABCMeta):
             self.not_improved_count += 1
         return improved
 
-    def _log_epoch(self, epoch: int, result: dict, seconds: float, improved: bool) -> None:
-        values = "  ".join(f"{k} {v:.4f}" for k, v in result.items())
-        self.logger.info(f"epoch {epoch}/{self.epochs}  {values}  ({seconds:.1f}s){'  *best' if improved else ''}")
-        for key, value in result.items():
-            tag = f"{key[4:]}/val" if key.startswith("val_") else f"{key}/train"
-            self.writer.add_scalar(tag, value, self.global_step)
-            if improved:  # the HParams view shows each scalar's newest value: best/* is the best epoch's
-                self.writer.add_scalar(f"best/{key}", value, self.global_step)
-        self.writer.add_scalar("time/epoch_seconds", seconds, self.global_step)
-        self.writer.add_scalar("epoch", epoch, self.global_step)
-        for i, group in enumerate(self.optimizer.param_groups):
-            self.writer.add_scalar(f"lr/group{i}", group["lr"], self.global_step)
+    def lrs_in_force(self) -> list[float]:
+        """Each parameter group's learning rate in force at the epoch's last step (a scheduler stepped every
+        optimizer step has already moved the groups on by one: Trainer keeps the rate before)."""
+        if self.scheduler_interval == "step" and self.last_step_lrs is not None:
+            return list(self.last_step_lrs)
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _log_epoch(self, epoch: int, result: dict, seconds: float, improved: bool, lrs: list[float]) -> None:
+        train = {k: v for k, v in result.items() if not k.startswith("val_")}
+        val = {k[4:]: v for k, v in result.items() if k.startswith("val_")}
+        for line in epoch_lines(epoch, self.epochs, train, val, seconds, improved):
+            self.logger.info(line)
+        monitoring = self.monitor_mode != "off"
+        record = EpochRecord(epoch, self.global_step, time.time(), seconds, lrs, train, val,
+                             self.monitor_metric if monitoring else None,
+                             self.monitor_best if monitoring and self.best_epoch else None, self.best_epoch, improved)
+        for sink in self.epoch_logs:
+            sink.log_epoch(record)  # before the epoch's checkpoint: a kill between the two redoes the epoch
+
+    def _start_epoch_logs(self) -> None:
+        """Every sink forgets what a killed session wrote after the checkpoint this session continues from;
+        a resume shows the best and newest values again in the HParams view."""
+        completed = self.start_epoch - 1  # epochs the checkpoint holds whole (a mid-epoch one: those before it)
+        for sink in self.epoch_logs:
+            sink.start(completed)
+        if not completed or not self.writer.enabled:
+            return
+        values = dict(self.last_metrics)  # the checkpointed epoch's values
+        validated = {k: v for k, v in values.items() if k.startswith("val_")}
+        final = validated or values
+        if self.monitor_mode != "off" and self.best_epoch:
+            final[f"best_{self.monitor_metric}"] = self.monitor_best
+        if final:
+            self.writer.set_summary(final, self.global_step)
+
+    def _end_epoch_logs(self, status: str) -> None:
+        """How the session ended goes to the HParams view; a failure to write it must not hide the run's own
+        error (the caller re-raises that)."""
+        try:
+            self.writer.record_status(status)
+        except OSError as exc:
+            self.logger.warning(f"warning: could not record the run's status in TensorBoard: {exc}")
+        for sink in self.epoch_logs:
+            if sink is not self.writer:  # the caller closes the writer, after its last flush
+                sink.close()
 
     def _stop_requested(self) -> bool:
         """True on every rank as soon as any rank received SIGINT/SIGTERM (one all-reduce)."""
@@ -235,7 +283,7 @@ class BaseTrainer(metaclass=ABCMeta):
         for name in names[1:]:
             link_checkpoint(first, self.checkpoint_dir / name)
         if improved:
-            self.logger.info(f"saved best checkpoint ({self.monitor_metric} {self.monitor_best:.4f})")
+            self.logger.debug(f"saved best checkpoint ({self.monitor_metric} {number(self.monitor_best)})")
         self._prune_periodic()
 
     def _prune_periodic(self) -> None:
@@ -290,3 +338,4 @@ def epoch_totals_v2(totals: dict) -> dict:
     functions = {k: {"total": v, "count": totals["n_metrics"]} for k, v in totals.items()
                  if k not in ("loss", "n", "n_metrics")}
     return {"loss": {"total": totals["loss"], "count": totals["n"]}, "functions": functions, "objects": {}}
+

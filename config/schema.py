@@ -75,7 +75,8 @@ SCHEMA: dict[str, Key] = {
                       "args": Key("dict", "keyword arguments bound to it, checked against its signature", {})}),
     "metrics": Key("list", "each a function in model/metric.py (a mean of per-batch values), or a torchmetrics "
                    "class (computed over the whole epoch), by name or as {type, args, name}; logged as "
-                   "<name>/train and <name>/val (name: the function's, or the class's in snake_case)", [],
+                   "<name> in TensorBoard's train/ and val/ runs and in metrics.csv (name: the function's, "
+                   "or the class's in snake_case)", [],
                    item="metric"),
     "lr_scheduler": _typed("LR scheduler", "a torch.optim.lr_scheduler class; the builder passes the optimizer; "
                            "SequentialLR and ChainedScheduler take schedulers: [{type, args}, ...]", {
@@ -93,7 +94,8 @@ SCHEMA: dict[str, Key] = {
                          minimum=0),
         "save_every_steps": Key("int", "also write last.pth every N optimizer steps (0: only at epoch end)", 0,
                                 minimum=0),
-        "verbosity": Key("int", "0: warnings, 1: info, 2: debug", 2, minimum=0, maximum=2),
+        "verbosity": Key("int", "console: 0 warnings and errors, 1 adds progress, epoch lines and the summary, "
+                                  "2 adds debug lines (train.log always gets everything)", 1, minimum=0, maximum=2),
         "monitor": Key("str", "'min <metric>' or 'max <metric>' (e.g. 'max val_accuracy'), or 'off'", "off"),
         "early_stop": Key("int", "stop after N epochs without improvement of the monitored metric (0: never)", 0,
                           minimum=0),
@@ -105,8 +107,10 @@ SCHEMA: dict[str, Key] = {
         "allow_nonfinite_buffers": Key("list", "fnmatch patterns of buffers (state_dict keys) that may hold inf or "
                                                "NaN; any other non-finite parameter, buffer or optimizer value "
                                                "stops the run before it reaches a checkpoint", [], item="str"),
-        "histograms": Key("bool", "weight and gradient histograms once per epoch", True),
-        "images": Key("bool", "a grid of input samples with true/predicted labels once per epoch", True),
+        "histograms": Key("bool", "weight and gradient histograms once per epoch (at most 4096 values drawn "
+                                 "per tensor)", True),
+        "images": Key("bool", "a picture of validation samples once per epoch (classification: 10 inputs with "
+                              "true and predicted classes)", True),
         "amp": Key("str", "mixed precision: off | bf16 | fp16 (fp16 uses a GradScaler)", "off",
                    choices=("off", "bf16", "fp16")),
         "accumulate_grad_batches": Key("int", "optimizer step every k micro-batches", 1, minimum=1),

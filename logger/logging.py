@@ -31,7 +31,7 @@ class ConsoleHandler(logging.StreamHandler):
             super().emit(record)
 
 
-def setup_logging(run_dir: str | Path | None, verbosity: int = 2, is_main: bool = True) -> logging.Logger:
+def setup_logging(run_dir: str | Path | None, verbosity: int = 1, is_main: bool = True) -> logging.Logger:
     """Log to stdout and, on the main process, to <run_dir>/train.log; other ranks only warn."""
     logger = get_logger()
     for handler in list(logger.handlers):

@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Callable, Iterable, Iterator
 
+from logger.console import number
 from logger.logging import get_logger
 
 POSTFIX_SECONDS = 0.5  # how often the bar's loss/metrics are read (each read syncs with the device)
@@ -56,7 +57,7 @@ class Progress:
                 now = time.monotonic()
                 if self.postfix is not None and now >= next_postfix:
                     next_postfix = now + POSTFIX_SECONDS
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in self.postfix().items()}, refresh=False)
+                    bar.set_postfix({k: number(v) for k, v in self.postfix().items()}, refresh=False)
         finally:
             bar.close()
 
@@ -71,5 +72,5 @@ class Progress:
                 elapsed = now - start
                 rate = (i - self.initial) / elapsed if elapsed > 0 else 0.0
                 eta = (self.total - i) / rate if rate else 0.0
-                values = "" if self.postfix is None else " ".join(f"{k}={v:.4g}" for k, v in self.postfix().items())
-                logger.info(f"{self.desc} [{i}/{self.total}] {values} ({rate:.1f} it/s, eta {eta:.0f}s)")
+                values = "" if self.postfix is None else " ".join(f"{k}={number(v)}" for k, v in self.postfix().items())
+                logger.info(f"{self.desc} [{i}/{self.total}] {values} ({rate:.1f} batch/s, eta {eta:.0f}s)")

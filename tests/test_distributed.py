@@ -151,8 +151,8 @@ def test_two_processes_end_the_epoch_with_the_weights_of_one_process_with_twice_
 def test_validation_is_reduced_over_ranks_by_real_sample_count(equivalence):
     # 145 samples split 73/72 with no padding: the reduced val_loss equals the single-process one on
     # the same weights. Counting a padded duplicate, or averaging the two rank means, moves it by ~5e-4.
-    for tag in ("loss/val", "accuracy/val", "loss/train"):
-        one, two = scalars(equivalence["one"], tag), scalars(equivalence["two"], tag)
+    for split, tag in (("val", "loss"), ("val", "accuracy"), ("train", "loss")):
+        one, two = scalars(equivalence["one"] / split, tag), scalars(equivalence["two"] / split, tag)
         assert [step for step, _ in one] == [step for step, _ in two] == [19, 38]
         for (_, a), (_, b) in zip(one, two):
             assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), f"{tag}: 1 process {a}, 2 processes {b}"
@@ -161,13 +161,13 @@ def test_validation_is_reduced_over_ranks_by_real_sample_count(equivalence):
 def test_two_process_digits_run_writes_one_run_directory_and_trains(digits):
     (run_dir,) = (digits["whole"] / "digits").iterdir()
     files = sorted(p.name for p in run_dir.iterdir())
-    assert [f for f in files if not f.startswith("events.out.tfevents.")] == [".lock", "checkpoints", "config.yaml",
-                                                                             "train.log"]
+    assert [f for f in files if not f.startswith(("events.out.tfevents.", "hparams-"))] == [
+        ".lock", "checkpoints", "config.yaml", "metrics.csv", "train", "train.log", "val"]
     assert len([f for f in files if f.startswith("events.out.tfevents.")]) == 1
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pth", "last.pth"]
     log = (run_dir / "train.log").read_text()
-    assert len(re.findall(r"epoch 3/3 ", log)) == 1  # one writer: rank 1 logs nothing to the file
-    assert len(scalars(run_dir, "accuracy/val")) == 3
+    assert len(re.findall(r"epoch 3/3 val ", log)) == 1  # one writer: rank 1 logs nothing to the file
+    assert len(scalars(run_dir / "val", "accuracy")) == 3
 
     best = checkpoint(run_dir / "checkpoints" / "best.pth")
     assert best["monitor_best"] >= 0.95

@@ -390,8 +390,10 @@ def test_resuming_a_finished_run_says_so_and_names_the_override(project, tmp_pat
     log_size = (run / "train.log").stat().st_size
     proc = train(project, save, "-r", str(run))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == (f"{run}: this run already finished 1 epoch (step 20; trainer.epochs is 1); "
-                                   f"nothing to do. To train it further: python train.py -r {run} trainer.epochs=11")
+    assert proc.stdout.strip().splitlines() == [  # the first line comes before the checkpoint is read
+        f"resuming {run}: loading torch and the checkpoint",
+        f"{run}: this run already finished 1 epoch (step 20; trainer.epochs is 1); nothing to do. To train it "
+        f"further: python train.py -r {run} trainer.epochs=11"]
     assert (run / "train.log").stat().st_size == log_size  # nothing written
     more = train(project, save, "-r", str(run), "trainer.epochs=2")
     assert more.returncode == 0 and "finished: run directory" in more.stdout

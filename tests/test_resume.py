@@ -178,12 +178,26 @@ def assert_bit_identical(final: Path, reference: Path) -> None:
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar curve as TensorBoard shows it (EventAccumulator applies the purge on resume)."""
+    """Every scalar curve as TensorBoard shows it (EventAccumulator applies the purge on resume), of the
+    run and of its train/ and val/ sub-runs ("val/accuracy")."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    found = {}
+    for split in ("", "train", "val"):
+        accumulator = EventAccumulator(str(run_dir / split), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        found.update({f"{split}/{tag}" if split else tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+                      for tag in accumulator.Tags()["scalars"]})
+    return found
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, float]]:
+    """metrics.csv without its clock columns."""
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return [{k: float(v) for k, v in row.items() if k not in ("time", "epoch_seconds")}
+                for row in csv.DictReader(handle)]
 
 
 def resume_point(state: dict, sizes: dict) -> tuple[int, int]:
@@ -346,8 +360,12 @@ def test_resumed_run_appends_log_and_tensorboard_has_one_value_per_step(runs):
         steps = [s for s, _ in points]
         assert steps == [s for s, _ in want[tag]], f"{tag}: steps {steps}"
     # Curves of the training itself carry the same values (timings do not).
-    for tag in ("loss/train_step", "loss/train", "accuracy/val", "lr/group0"):
+    for tag in ("train/loss/step", "train/loss", "val/accuracy", "lr/group0"):
         assert got[tag] == want[tag], tag
+    # metrics.csv: each epoch once, through every kill, with the uninterrupted run's values.
+    rows = metrics_rows(chain.run_dir)
+    assert [row["epoch"] for row in rows] == list(range(1, EPOCHS + 1))
+    assert rows == [pytest.approx(row, rel=1e-9) for row in metrics_rows(runs["reference"])]
 
 
 def test_keep_last_keeps_newest_periodic_and_last_best(runs):

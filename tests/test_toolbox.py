@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 
 import pytest
@@ -85,11 +86,16 @@ def initial_state(tmp_path, config: dict) -> dict:
 
 
 def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """The run's scalars, and those of its train/ and val/ sub-runs as "train/<tag>" and "val/<tag>"."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    found = {}
+    for split in ("", "train", "val"):
+        events = EventAccumulator(os.path.join(run_dir, split), size_guidance={"scalars": 0})
+        events.Reload()
+        found.update({f"{split}/{tag}" if split else tag: [(e.step, e.value) for e in events.Scalars(tag)]
+                      for tag in events.Tags()["scalars"]})
+    return found
 
 
 def build_trainer(tmp_path, config: dict, cls=Trainer, tensorboard: bool = False) -> Trainer:
@@ -349,17 +355,17 @@ def test_clipping_bounds_the_update_and_logs_the_preclip_norm(tmp_path):
 
     assert run(tmp_path, config, run_id="free")[0] == 0
     free = gradient(tmp_path / "saved/tiny/free")
-    logged = scalars(tmp_path / "saved/tiny/free")["grad_norm/train_step"]
+    logged = scalars(tmp_path / "saved/tiny/free")["optimizer/grad_norm"]
     assert logged[0][1] == pytest.approx(free.norm().item(), rel=1e-4)
     max_norm, max_value = free.norm().item() / 4, free.abs().max().item() / 4
     assert run(tmp_path, config, f"trainer.clip_grad_norm={max_norm}", run_id="norm")[0] == 0
     clipped = gradient(tmp_path / "saved/tiny/norm")
     assert clipped.norm().item() == pytest.approx(max_norm, rel=1e-4)
-    assert scalars(tmp_path / "saved/tiny/norm")["grad_norm/train_step"][0][1] == pytest.approx(logged[0][1])
+    assert scalars(tmp_path / "saved/tiny/norm")["optimizer/grad_norm"][0][1] == pytest.approx(logged[0][1])
     assert run(tmp_path, config, f"trainer.clip_grad_value={max_value}", run_id="value")[0] == 0
     clipped = gradient(tmp_path / "saved/tiny/value")
     assert clipped.abs().max().item() == pytest.approx(max_value, rel=1e-4)
-    assert scalars(tmp_path / "saved/tiny/value")["grad_norm/train_step"][0][1] == pytest.approx(logged[0][1])
+    assert scalars(tmp_path / "saved/tiny/value")["optimizer/grad_norm"][0][1] == pytest.approx(logged[0][1])
     assert (clipped.abs() <= max_value * (1 + 1e-5)).all()
 
 
@@ -369,14 +375,14 @@ def _lrs(run_dir, tag: str) -> list[float]:
 
 
 def _reference_lrs(spec: dict, steps: int) -> list[float]:
-    """The same torch schedulers on a throwaway optimizer: the learning rate after each step()."""
+    """The same torch schedulers on a throwaway optimizer: the learning rate each step() used."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     scheduler = build_lr_scheduler(spec, optimizer)
     out = []
     for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-        out.append(optimizer.param_groups[0]["lr"])
     return out
 
 
@@ -387,9 +393,9 @@ def test_step_and_epoch_intervals_and_warmup(tmp_path):
     assert run(tmp_path, {**config, "lr_scheduler": step_lr}, run_id="epoch")[0] == 0
     per_step = _lrs(tmp_path / "saved/tiny/step", "lr/group0_step")
     per_epoch = _lrs(tmp_path / "saved/tiny/epoch", "lr/group0_step")
-    assert per_step == pytest.approx([0.01 * 0.5 ** (s // 2) for s in range(1, 9)])
+    assert per_step == pytest.approx([0.01 * 0.5 ** ((s - 1) // 2) for s in range(1, 9)])  # the rate step s used
     assert per_epoch == pytest.approx([0.01] * 8)  # step_size 2 counts epochs here: halved after epoch 2
-    assert _lrs(tmp_path / "saved/tiny/epoch", "lr/group0") == pytest.approx([0.01, 0.005])
+    assert _lrs(tmp_path / "saved/tiny/epoch", "lr/group0") == pytest.approx([0.01, 0.01])  # each epoch's own rate
 
     warmup = {"type": "SequentialLR", "interval": "step", "args": {"milestones": [3], "schedulers": [
         {"type": "LinearLR", "args": {"start_factor": 0.25, "total_iters": 3}},
@@ -399,7 +405,7 @@ def test_step_and_epoch_intervals_and_warmup(tmp_path):
     logged = _lrs(tmp_path / "saved/tiny/warmup", "lr/group0_step")
     spec = load_config(write(tmp_path, {**config, "lr_scheduler": warmup}))["lr_scheduler"]
     assert logged == pytest.approx(_reference_lrs(spec, 8))
-    assert logged[:3] == pytest.approx([0.05, 0.075, 0.1])  # the warmup ramps up, then decays
+    assert logged[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])  # the warmup ramps up, then decays
 
 
 def test_plateau_scheduler_is_fed_the_monitored_metric(tmp_path):
@@ -419,9 +425,10 @@ def test_plateau_scheduler_is_fed_the_monitored_metric(tmp_path):
             out.append(optimizer.param_groups[0]["lr"])
         return out
 
+    # Each epoch's rate (lr/group0) is the one the plateau scheduler set after the epoch before.
     logged = [value for _, value in tags["lr/group0"]]
-    assert logged == pytest.approx(replay([v for _, v in tags["accuracy/val"]]))
-    assert logged != pytest.approx(replay([v for _, v in tags["loss/val"]]))  # it is not just any metric
+    assert logged == pytest.approx([0.02] + replay([v for _, v in tags["val/accuracy"]])[:-1])
+    assert logged != pytest.approx([0.02] + replay([v for _, v in tags["val/loss"]])[:-1])  # not just any metric
 
 
 # ---- 8. NaN guard -------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ class Trainer(BaseTrainer):
         self.train_metrics = EpochMetrics(self.metric_fns, self.device)
         self.valid_metrics = EpochMetrics(self.metric_fns, self.device)
         self.histograms = cfg["histograms"] and self.writer.enabled
+        self.train_writer = self.writer.split("train")  # one chart per name, training and validation curves
         self.images = cfg["images"] and self.writer.enabled
         self.callbacks = build_callbacks(self.config, unwrap_model(self.model))
         self.params = list(self.model.parameters())
@@ -149,7 +150,7 @@ class Trainer(BaseTrainer):
         self.epoch_running = True
         self._last_out = None
         self._views_of_last_batch = self.images and self.valid_data_loader is None
-        progress = Progress(loader, total, f"epoch {epoch}", self.dist.is_main and self.verbosity > 0,
+        progress = Progress(loader, total, f"epoch {epoch}/{self.epochs}", self.dist.is_main and self.verbosity > 0,
                             initial=self.batch_in_epoch)
         progress.postfix = self._running_means
         self._started = (time.perf_counter(), self.samples_in_epoch)
@@ -195,7 +196,7 @@ class Trainer(BaseTrainer):
         """Hooks, step logging, the check point (NaN guard, signals), mid-epoch checkpoints."""
         self._hook("on_batch_end", self.batch_in_epoch - 1, loss)
         if self.global_step % self.log_every == 0:
-            self.writer.add_scalar("loss/train_step", loss.detach(), self.global_step)
+            self.train_writer.add_scalar("loss/step", loss.detach(), self.global_step)
         save_now = self.save_every and self.global_step % self.save_every == 0 and self.batch_in_epoch < total
         if self._check_point(force=save_now):
             self._stop_now(epoch)
@@ -212,10 +213,12 @@ class Trainer(BaseTrainer):
                                (self.samples_in_epoch - started_samples) / max(self.train_seconds, 1e-9),
                                self.global_step)
         if self.histograms:
+            items = []
             for name, param in unwrap_model(self.model).named_parameters():
-                self.writer.add_histogram(f"weights/{name}", param.detach(), self.global_step)
+                items.append((f"weights/{name}", param.detach()))
                 if param.grad is not None:
-                    self.writer.add_histogram(f"grads/{name}", param.grad.detach(), self.global_step)
+                    items.append((f"weights/{name}.grad", param.grad.detach()))
+            self.writer.add_histograms(items, self.global_step)
         if self._last_out is not None:
             out, batch = self._last_out  # without validation, the views show the epoch's last batch
             views = SampleViews(out.get("batch_size") or batch_size(batch))
@@ -239,7 +242,8 @@ class Trainer(BaseTrainer):
         views = SampleViews(len(self.valid_data_loader.sampler) if hasattr(self.valid_data_loader, "sampler")
                             else 0) if self.images else None
         graph = self.writer.enabled and epoch == 1
-        result = self.evaluate(self.valid_data_loader, self.valid_metrics, f"valid {epoch}", views, graph)
+        result = self.evaluate(self.valid_data_loader, self.valid_metrics, f"valid {epoch}/{self.epochs}", views,
+                               graph)
         if views is not None:
             views.draw(self.writer, "samples/val", self.global_step, self.valid_data_loader)
         return result
@@ -335,12 +339,14 @@ class Trainer(BaseTrainer):
         else:
             self.optimizer.step()
         if self.lr_scheduler is not None and self.scheduler_interval == "step":
+            self.last_step_lrs = [group["lr"] for group in self.optimizer.param_groups]  # what this step used
             self.lr_scheduler.step()
         self.global_step += 1
         if log_now:
-            self.writer.add_scalar("grad_norm/train_step", grad_norm, self.global_step)
-            for i, group in enumerate(self.optimizer.param_groups):
-                self.writer.add_scalar(f"lr/group{i}_step", group["lr"], self.global_step)
+            self.writer.add_scalar("optimizer/grad_norm", grad_norm, self.global_step)
+            lrs = self.lrs_in_force()  # the rates this step used, not the next step's
+            for i, lr in enumerate(lrs):
+                self.writer.add_scalar(f"lr/group{i}_step", lr, self.global_step)
 
     def _clip_gradients(self, log_now: bool) -> torch.Tensor | None:
         """Clip by value and/or total norm; return the total norm before clipping (computed only to clip
