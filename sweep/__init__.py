@@ -31,11 +31,12 @@ def sweep_requested(args: argparse.Namespace) -> bool:
 
 def _config_folds(args: argparse.Namespace) -> int | None:
     """`data_loader.folds: K` without a `fold` in the config (and its overrides): the k-fold runs."""
-    from config.files import apply_overrides, read_config_file
+    from config.files import apply_overrides, plain_tree, read_config_file
     from config.schema import is_known_path
 
-    try:
-        loader = apply_overrides(read_config_file(args.config), list(args.overrides), known=is_known_path)["data_loader"]
+    try:  # plain_tree first: it refuses the deep or aliased trees that the copy in apply_overrides cannot walk
+        raw = plain_tree(read_config_file(args.config), str(args.config))
+        loader = apply_overrides(raw, list(args.overrides), known=is_known_path)["data_loader"]
         folds = loader.get("folds")
         return folds if isinstance(folds, int) and not isinstance(folds, bool) and loader.get("fold") is None else None
     except (UserError, KeyError, TypeError, AttributeError):
