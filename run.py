@@ -277,16 +277,16 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
         trainer = trainer_class(config)(model, criterion, metric_fns, optimizer, config, device, train_loader,
                                         valid_loader, lr_scheduler, run_dir=run_dir, writer=writer, dist=dist,
                                         stop_signal=stop)
-        if resume:
-            for note in resume["notes"]:
-                logger.warning(f"skipped {note}")
-            logger.info(f"resuming from {resume['path']}")
-            trainer.resume(resume["state"], source=str(resume["path"]))
-            if resume["saved"] is not None:
-                _apply_resume_overrides(resume["saved"], config, optimizer, lr_scheduler, logger)
         resume_command = _resume_command(run_dir, dist)
         started = time.monotonic()
         try:
+            if resume:
+                for note in resume["notes"]:
+                    logger.warning(f"skipped {note}")
+                logger.info(f"resuming from {resume['path']}")
+                trainer.resume(resume["state"], source=str(resume["path"]))
+                if resume["saved"] is not None:
+                    _apply_resume_overrides(resume["saved"], config, optimizer, lr_scheduler, logger)
             result = trainer.train()
             stop.finish()  # from here a late SIGINT/SIGTERM cannot turn the finished run into 130/143
         except Exception as exc:
@@ -424,6 +424,9 @@ def _ended(exc: BaseException, trainer, resume_command: str) -> BaseException:
     from runtime.blame import describe_error, locate, worker_died
 
     logger = trainer.logger
+    # TensorBoard's HParams: failed runs must not look finished (train() records its own ends; this covers
+    # a failure before it, in the resume).
+    trainer.writer.record_status("interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed")
     last = trainer.checkpoint_dir / "last.pth" if trainer.checkpoint_dir is not None else None
     saved = last is not None and last.exists()
     where = f"epoch {trainer.epoch}, after step {trainer.global_step}"

@@ -44,6 +44,8 @@ original_getitem, original_save = DigitsDataset.__getitem__, torch.save
 
 def getitem(self, index):
     global fetched, signalled
+    if checking:
+        return original_getitem(self, index)
     fetched += 1
     if fetched == plan.get("signal_at"):
         signalled = True
@@ -61,6 +63,19 @@ def save(obj, f, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
 
 DigitsDataset.__getitem__, torch.save = getitem, save
+# The sanity pass before the run directory exists reads its own first batches: those are not counted.
+import trainer.sanity
+checking, original_sanity = False, trainer.sanity.sanity_pass
+
+def sanity_pass(*args, **kwargs):
+    global checking
+    checking = True
+    try:
+        return original_sanity(*args, **kwargs)
+    finally:
+        checking = False
+
+trainer.sanity.sanity_pass = sanity_pass
 del DigitsDataset.get_batch  # fetch (and so count and signal) one sample at a time
 import train
 try:
