@@ -109,11 +109,12 @@ def test_r_takes_a_run_its_checkpoints_folder_or_a_file_in_both_scripts(run_dir,
     from run import _resolve_config
 
     last, best = run_dir / "checkpoints" / "last.pth", run_dir / "checkpoints" / "best.pth"
-    resume = Namespace(config=None, overrides=[], lr=None, bs=None, device=None)
+    resume = Namespace(config=None, overrides=[], lr=None, bs=None, device=None, print_config=False, run_id=None)
     for target, expected in ((run_dir, last), (run_dir / "checkpoints", last), (f"{run_dir}/checkpoints/", last),
                              (last, last), (best, best)):
         _, state, resumed_dir, _ = _resolve_config(Namespace(**vars(resume), resume=str(target)))
         assert (state["path"], resumed_dir) == (expected, run_dir), target
+    capsys.readouterr()  # train.py's first line ("resuming ...: loading torch and the checkpoint")
     printed = set()
     for target in (run_dir, run_dir / "checkpoints", best):
         code, out, err = run_here("test", capsys, "-r", str(target))

