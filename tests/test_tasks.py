@@ -434,7 +434,7 @@ def test_views_follow_the_task_and_spread_over_the_split(caplog):
     regression = SampleViews(50)
     regression.collect(torch.rand(50, 6), torch.randn(50, 1), torch.randn(50, 1))
     picture, kind = regression.picture()
-    assert kind == "regression" and picture.shape[:2] == (256 + 14, 256)
+    assert kind == "regression" and picture.shape[1] == 256 and 256 < picture.shape[0] < 300  # plot and caption
 
     tokens = SampleViews(8)
     tokens.collect(torch.randint(0, 9, (8, 5)), torch.randint(0, 2, (8,)), torch.randn(8, 2))
