@@ -40,9 +40,14 @@ def _resolve_config(args: argparse.Namespace):
     from checkpoint import check_resume_state, find_resume_checkpoint, load_checkpoint
     from runtime.run_dir import locate_checkpoint
 
-    target, run_dir = locate_checkpoint(args.resume)
+    from checkpoint.sharded import find_sharded, is_checkpoint_dir, is_sharded_run
+
+    given = Path(args.resume)
+    target, run_dir = (given, given.parent.parent) if is_checkpoint_dir(given) else locate_checkpoint(args.resume)
     notes = []
-    if target.is_dir():
+    if is_checkpoint_dir(target) or is_sharded_run(target):  # trainer.strategy fsdp: checkpoint/sharded.py
+        path, state, notes = find_sharded(target)
+    elif target.is_dir():
         path, state, notes = find_resume_checkpoint(run_dir)  # checked like the file below
     else:
         path, state = target, load_checkpoint(target)
@@ -110,8 +115,8 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
                               build_optimizer, trainer_class)
     from logger import make_writer, setup_logging
     from runtime.device import check_amp, resolve_device
-    from runtime.distributed import (barrier, broadcast_object, check_sync_batchnorm, distributed_context,
-                                     init_process_group, shutdown, wrap_model)
+    from runtime.distributed import (barrier, broadcast_object, check_fsdp_config, check_sync_batchnorm,
+                                     distributed_context, init_process_group, shard_model, shutdown, wrap_model)
     from runtime.run_dir import RunLock, create_run_dir, write_config
     from runtime.seeding import seed_everything
     from trainer.callbacks import build_callbacks
@@ -130,13 +135,14 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
         train_loader, valid_loader = build_data_loaders(config, dist.rank, dist.world_size, device)
         model = model.to(device)
         optimizer = build_optimizer(config, model)
-        if resume:
+        if resume and "optimizer" in resume["state"]:  # (a sharded checkpoint's is checked as DCP loads it)
             check_optimizer_fits(resume["state"]["optimizer"], optimizer, resume["path"])
         lr_scheduler = build_lr_scheduler(config.get("lr_scheduler"), optimizer)
         if resume:
             check_scheduler_fits(resume["state"]["lr_scheduler"], lr_scheduler, resume["path"])
         criterion, metric_fns = build_loss(config), build_metrics(config)
         build_callbacks(config, model)  # trainer.watch/freeze module names are checked before anything is written
+        check_fsdp_config(cfg, model, resume and resume["path"], resume and "optimizer" not in resume["state"])
         notes = _check_steps(train_loader, config, dist)
         # The first batches through the trainer's own step, loss and metrics (forward only, no trace left).
         probe = trainer_class(config)(model, criterion, metric_fns, optimizer, config, device, train_loader,
@@ -175,7 +181,14 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
         for note in notes:
             logger.warning(f"warning: {note}")
         logger.info(model_summary(model))
-        if dist.enabled:
+        if dist.enabled and cfg["strategy"] == "fsdp":
+            model = shard_model(model, cfg["fsdp"], device)
+            optimizer = build_optimizer(config, model)  # over the sharded parameters (DTensors) that replaced them
+            lr_scheduler = build_lr_scheduler(config.get("lr_scheduler"), optimizer)
+            logger.info(f"FSDP2 (fully_shard): {dist.world_size} processes, backend "
+                        f"{torch.distributed.get_backend()}, per-process batch {train_loader.batch_size}, units: "
+                        f"{', '.join(cfg['fsdp']['wrap']) or 'the root only'}")
+        elif dist.enabled:
             model, converted = wrap_model(model, device, cfg["sync_batchnorm"], find_unused=cfg["freeze"] is not None)
             logger.info(f"DistributedDataParallel: {dist.world_size} processes, backend "
                         f"{torch.distributed.get_backend()}, per-process batch {train_loader.batch_size}"
@@ -382,6 +395,9 @@ def _summary(logger, config: dict, run_dir: Path, trainer, result: dict, seconds
     checkpoints = run_dir / "checkpoints"
     best = checkpoints / ("best.pth" if (checkpoints / "best.pth").exists() else "last.pth")
     logger.info(f"checkpoints: {checkpoints}")
+    if trainer.sharded_checkpoints:  # checkpoint directories: test.py reads one plain file
+        logger.info(f"evaluate:    python -m checkpoint.consolidate {run_dir} model.pth && python test.py -r model.pth")
+        return
     logger.info(f"evaluate:    python test.py -r {best}")
     if trainer.writer.enabled:
         logger.info(f"tensorboard: tensorboard --logdir {config['trainer']['save_dir']}")
