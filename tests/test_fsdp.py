@@ -9,10 +9,7 @@ import hashlib
 import json
 import os
 import pickle
-import random
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -171,54 +168,17 @@ def test_consolidated_checkpoint_loads_in_test_py(single, tmp_path):
     assert "accuracy:" in proc.stdout
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_never_leaves_a_wrong_checkpoint(tmp_path):
-    """20 kills at random moments of a loop of saves; what a resume would pick always holds one step whole."""
-    from checkpoint.sharded import find_sharded, load_sharded_state, _named_dirs  # noqa: PLC2701
-    from errors import CheckpointError
-
-    rng = random.Random(19)
-    worker = ROOT / "tests" / "workers" / "fsdp_save_loop.py"
-    started = time.monotonic()
-    loaded = 0
-    for trial in range(20):
-        out = tmp_path / f"t{trial}"
-        proc = subprocess.Popen([PYTHON, str(worker), str(out)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True, env={**os.environ, **ONE_THREAD})
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 1.2))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        checkpoints = out / "tasks"
-        checkpoints = next(checkpoints.glob("*/checkpoints"), None) if checkpoints.exists() else None
-        if checkpoints is None or not (checkpoints / "last").exists():
-            continue  # killed before the first save completed: nothing to resume, which the run dir says
-        folder, state, _ = find_sharded(checkpoints)
-        assert_holds_its_step(folder, state)
-        loaded += 1
-        for other in _named_dirs(checkpoints):  # every complete directory is right, or refused
-            try:
-                assert_holds_its_step(other, load_sharded_state(other))
-            except CheckpointError:
-                pass
-        assert time.monotonic() - started < 150
-    assert loaded >= 10
-
-
-def assert_holds_its_step(folder: Path, state: dict) -> None:
-    import sys
-
-    from torch import nn
-
-    sys.path.insert(0, str(ROOT / "tests" / "workers"))
-    from checkpoint.sharded import load_into
-    from fsdp_save_loop import model
-
-    net = model()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    load_into(net, optimizer, state["sharded"])
-    step = state["global_step"]
-    assert all(bool((p == float(step)).all()) for p in net.parameters()), f"{folder}: not the state of step {step}"
-    assert isinstance(net, nn.Module)
+    """20 kills at random moments of a loop of saves (tests/workers/fsdp_save_loop.py): what a resume picks
+    always holds one step whole, and so does every other directory that passes verification."""
+    proc = subprocess.run([PYTHON, str(ROOT / "tests" / "workers" / "fsdp_save_loop.py"), str(tmp_path), "20", "19"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **ONE_THREAD})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 20
+    assert [r["wrong"] for r in results] == [[]] * 20, results
+    assert sum(r["resumable"] is not None for r in results) >= 15, results
 
 
 # ---- torchrun, 2 processes (slow) ------------------------------------------------------------------------
