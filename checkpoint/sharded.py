@@ -86,7 +86,7 @@ def save_sharded(trainer, names: list[str], epoch_finished: bool) -> Path | None
 
     from checkpoint.io import save_checkpoint
     from checkpoint.state import unwrap_model
-    from runtime.distributed import barrier, broadcast_object
+    from runtime.distributed import broadcast_object
 
     state = trainer.checkpoint_state(epoch_finished)  # collective: per-rank RNG, the NaN guard
     del state["optimizer"]  # the weights and the optimizer state go through DCP, sharded
@@ -112,12 +112,17 @@ def save_sharded(trainer, names: list[str], epoch_finished: bool) -> Path | None
                  storage_writer=dcp.FileSystemWriter(temp, sync_files=True, single_file_per_rank=True))
     except Exception as exc:  # noqa: BLE001 - a full disk or an unwritable folder, on any rank
         raise TrainingError(f"could not write checkpoint {temp}: {exc}; the previous checkpoints are intact") from None
-    barrier()  # every rank's files are written and fsynced
+    # Each rank hashes the shard files it wrote (DCP names them __<rank>_<i>.distcp), in parallel.
+    hashed = _describe_files(temp, lambda name: name.startswith(f"__{trainer.dist.rank}_"))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, hashed)  # also the barrier: every rank's files are fsynced
+        hashed = {name: entry for part in parts for name, entry in part.items()}
     problem, final = None, None
     if main:
         try:
             save_checkpoint(state, temp / TRAINER_FILE)
-            final = _publish(temp, folder, base)
+            final = _publish(temp, folder, base, hashed)
             for name in ("best", "last"):  # best first: `last` names the newest complete save
                 if name in names:
                     atomic_write(folder / name, lambda h: h.write(f"{final.name}\n".encode()))
@@ -131,13 +136,24 @@ def save_sharded(trainer, names: list[str], epoch_finished: bool) -> Path | None
     return final
 
 
-def _publish(temp: Path, folder: Path, base: str) -> Path:
-    """Manifest, fsync, rename into place, fsync of checkpoints/."""
+def _describe_files(folder: Path, which) -> dict:
+    """{name: {size, sha256}} of the files in `folder` whose name `which` accepts, each fsynced."""
     files = {}
-    for path in sorted(temp.iterdir()):
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())  # also the files of ranks on this machine: cheap when already synced
-            files[path.name] = {"size": os.fstat(handle.fileno()).st_size, "sha256": _sha256(handle)}
+    for path in sorted(folder.iterdir()):
+        if which(path.name):
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())  # a no-op cost when DCP (sync_files) or atomic_write has synced it
+                files[path.name] = {"size": os.fstat(handle.fileno()).st_size, "sha256": _sha256(handle)}
+    return files
+
+
+def _publish(temp: Path, folder: Path, base: str, hashed: dict | None = None) -> Path:
+    """Manifest (the files `hashed` describes, and every other file hashed here), fsync, rename into place,
+    fsync of checkpoints/."""
+    hashed = hashed or {}
+    files = {**hashed, **_describe_files(temp, lambda name: name not in hashed)}
+    if set(files) != set(os.listdir(temp)):
+        raise TrainingError(f"{temp}: files changed while the manifest was written")
     body = json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1, sort_keys=True).encode()
     atomic_write(temp / MANIFEST, lambda h: h.write(body + b"\nsha256 " + hashlib.sha256(body).hexdigest().encode() + b"\n"))
     fsync_dir(temp)
