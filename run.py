@@ -142,7 +142,7 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
             check_scheduler_fits(resume["state"]["lr_scheduler"], lr_scheduler, resume["path"])
         criterion, metric_fns = build_loss(config), build_metrics(config)
         build_callbacks(config, model)  # trainer.watch/freeze module names are checked before anything is written
-        check_fsdp_config(cfg, model, resume and resume["path"], resume and "optimizer" not in resume["state"])
+        check_fsdp_config(cfg, model, device, resume and resume["path"], resume and "optimizer" not in resume["state"])
         notes = _check_steps(train_loader, config, dist)
         # The first batches through the trainer's own step, loss and metrics (forward only, no trace left).
         probe = trainer_class(config)(model, criterion, metric_fns, optimizer, config, device, train_loader,

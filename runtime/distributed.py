@@ -89,7 +89,8 @@ def wrap_model(model: nn.Module, device: torch.device, sync_batchnorm: bool,
                                                find_unused_parameters=find_unused), converted
 
 
-def check_fsdp_config(cfg: dict, model: nn.Module, resume_path=None, resume_sharded: bool = False) -> None:
+def check_fsdp_config(cfg: dict, model: nn.Module, device: torch.device, resume_path=None,
+                      resume_sharded: bool = False) -> None:
     """trainer.strategy fsdp: every name in trainer.fsdp.wrap is the class of some module of the model, the
     settings FSDP2 cannot honour here are refused, and a resume keeps its checkpoint format; all before
     anything is written."""
@@ -111,6 +112,9 @@ def check_fsdp_config(cfg: dict, model: nn.Module, resume_path=None, resume_shar
                            f"{', '.join(sorted(classes))})" for name in unknown])
     if cfg["sync_batchnorm"]:
         raise ConfigError("trainer.sync_batchnorm: SyncBatchNorm works with strategy ddp only")
+    if cfg["fsdp"]["cpu_offload"] and device.type != "cuda":
+        raise ConfigError(f"trainer.fsdp.cpu_offload: offloads from a CUDA device (the device is {device.type}); "
+                          f"set trainer.fsdp.cpu_offload=false")
     if cfg["compile"]:
         raise ConfigError("trainer.compile: not supported with strategy fsdp yet; set trainer.compile=false")
     if cfg["freeze"] is not None:

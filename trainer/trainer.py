@@ -212,10 +212,10 @@ class Trainer(BaseTrainer):
                                (self.samples_in_epoch - started_samples) / max(self.train_seconds, 1e-9),
                                self.global_step)
         if self.histograms:
-            for name, param in unwrap_model(self.model).named_parameters():
-                self.writer.add_histogram(f"weights/{name}", param.detach(), self.global_step)
+            for name, param in unwrap_model(self.model).named_parameters():  # FSDP2: rank 0's shards
+                self.writer.add_histogram(f"weights/{name}", local_part(param.detach()), self.global_step)
                 if param.grad is not None:
-                    self.writer.add_histogram(f"grads/{name}", param.grad.detach(), self.global_step)
+                    self.writer.add_histogram(f"grads/{name}", local_part(param.grad.detach()), self.global_step)
         if self._last_out is not None:
             out, batch = self._last_out  # without validation, the views show the epoch's last batch
             views = SampleViews(out.get("batch_size") or batch_size(batch))
@@ -238,7 +238,7 @@ class Trainer(BaseTrainer):
     def _valid_epoch(self, epoch: int) -> dict:
         views = SampleViews(len(self.valid_data_loader.sampler) if hasattr(self.valid_data_loader, "sampler")
                             else 0) if self.images else None
-        graph = self.writer.enabled and epoch == 1
+        graph = self.writer.enabled and epoch == 1 and not is_sharded(self.model)  # tracing rank 0 alone: FSDP hangs
         result = self.evaluate(self.valid_data_loader, self.valid_metrics, f"valid {epoch}", views, graph)
         if views is not None:
             views.draw(self.writer, "samples/val", self.global_step, self.valid_data_loader)
