@@ -245,3 +245,16 @@ def test_resume_with_the_same_number_of_processes_is_exact(runs):
     resumed = consolidated(runs["same"], runs["tmp"] / "same.pth")
     whole = consolidated(runs["fsdp"], runs["tmp"] / "whole2.pth")
     assert_close_states(resumed, whole, tolerance=0.0)
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_a_non_finite_shard_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path):
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "workers" / "fsdp_rank_local_nan.py"), str(tmp_path / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, **ONE_THREAD})
+    output = proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}: non-finite optimizer state 'momentum_buffer' of parameter 'net.1.weight' after step 2" \
+            in output, output[-3000:]
+    assert "checkpoints: []" in output, output[-3000:]

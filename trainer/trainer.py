@@ -332,7 +332,7 @@ class Trainer(BaseTrainer):
 
     def _no_sync(self, skip_allreduce: bool):
         """Under DDP, micro-batches before the last of an accumulation group skip the gradient all-reduce."""
-        if self.dist.enabled and is_sharded(self.model):  # FSDP2 reads the flag in backward, after this block
+        if self.accumulate > 1 and self.dist.enabled and is_sharded(self.model):  # FSDP2 reads it in backward
             self.model.set_requires_gradient_sync(not skip_allreduce)
             return NULL_CONTEXT
         if skip_allreduce and self.dist.enabled:
