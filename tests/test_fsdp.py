@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import pickle
 import signal
@@ -258,3 +259,26 @@ def test_a_non_finite_shard_on_one_rank_stops_every_rank_before_the_checkpoint(t
         assert f"rank {rank}: non-finite optimizer state 'momentum_buffer' of parameter 'net.1.weight' after step 2" \
             in output, output[-3000:]
     assert "checkpoints: []" in output, output[-3000:]
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_sigterm_stops_both_ranks_at_one_step_with_a_sharded_checkpoint(tmp_path):
+    config = write_config(tmp_path, epochs=5, verbosity=2, save_every_steps=4)
+    job = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"), "-c",
+                            str(config), "--run-id", "stop"], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD})
+    lines = []
+    for line in job.stdout:
+        lines.append(line)
+        if "saved" in line and "step-4" in line:
+            job.send_signal(signal.SIGTERM)
+            break
+    lines += job.stdout.readlines()
+    job.wait(timeout=120)
+    output = "".join(lines)
+    stops = re.findall(r"stopped by signal at epoch (\d+)(?: end|, step (\d+)); checkpoint saved", output)
+    assert len(stops) == 2 and stops[0] == stops[1], output[-3000:]  # both ranks, the same place
+    epoch, step = stops[0]
+    checkpoints = tmp_path / "fsdp" / "stop" / "checkpoints"
+    assert (checkpoints / "last").read_text().strip() == (f"step-{step}" if step else f"epoch-{epoch}")
