@@ -38,9 +38,8 @@ def _resolve_config(args: argparse.Namespace):
     if not args.resume:
         return load_config(args.config, overrides), None, None, Path(args.config).suffix.lower()
     from checkpoint import check_resume_state, find_resume_checkpoint, load_checkpoint
-    from runtime.run_dir import locate_checkpoint
-
     from checkpoint.sharded import find_sharded, is_checkpoint_dir, is_sharded_run
+    from runtime.run_dir import locate_checkpoint
 
     given = Path(args.resume)
     target, run_dir = (given, given.parent.parent) if is_checkpoint_dir(given) else locate_checkpoint(args.resume)

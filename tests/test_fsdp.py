@@ -172,6 +172,12 @@ def test_consolidated_checkpoint_loads_in_test_py(single, tmp_path):
     assert "accuracy:" in proc.stdout
 
 
+def test_test_py_on_a_sharded_run_names_the_consolidate_command(single):
+    proc = run_script("test.py", "-r", str(single["run"]), env=ONE_THREAD)
+    assert proc.returncode == 2
+    assert "python -m checkpoint.consolidate" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_kill_9_during_saves_never_leaves_a_wrong_checkpoint(tmp_path):
     """20 kills at random moments of a loop of saves (tests/workers/fsdp_save_loop.py): what a resume picks
