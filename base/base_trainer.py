@@ -16,6 +16,7 @@ import torch
 
 from checkpoint import (CHECKPOINT_FORMAT, capture_rng, link_checkpoint, load_model_state, restore_rng,
                         save_checkpoint, unwrap_model)
+from checkpoint.sharded import load_into as load_sharded_into, save_sharded
 from data_loader.sampler import mix_seed
 from errors import Interrupted
 from logger import NullWriter, get_logger
@@ -43,6 +44,7 @@ class BaseTrainer(metaclass=ABCMeta):
         self.epochs = cfg["epochs"]
         self.save_period, self.keep_last = cfg["save_period"], cfg["keep_last"]
         self.early_stop = cfg["early_stop"]
+        self.sharded_checkpoints = cfg.get("strategy") == "fsdp"  # checkpoint/sharded.py: directories, via DCP
         self.verbosity = cfg["verbosity"]
         if cfg["monitor"] == "off":
             self.monitor_mode, self.monitor_metric = "off", None
@@ -269,11 +271,18 @@ class BaseTrainer(metaclass=ABCMeta):
         return path
 
     def save_mid_epoch(self) -> None:
+        if self.sharded_checkpoints:
+            save_sharded(self, ["last"], epoch_finished=False)
+            return
         self._write(self.checkpoint_state(epoch_finished=False), "last.pth")
 
     def _save_epoch(self, epoch: int, improved: bool) -> None:
         # last.pth is named last: until it says the epoch ended, a resume redoes the epoch's end and
         # rewrites epoch-N/best, so a kill between the names never leaves those stale.
+        if self.sharded_checkpoints:  # one directory epoch-<N>; kept as keep_last says, or while a pointer names it
+            if save_sharded(self, ["best", "last"] if improved else ["last"], epoch_finished=True) and improved:
+                self.logger.info(f"saved best checkpoint ({self.monitor_metric} {self.monitor_best:.4f})")
+            return
         names = [f"epoch-{epoch}.pth"] if self.save_period and epoch % self.save_period == 0 else []
         names += ["best.pth"] if improved else []
         names.append("last.pth")
@@ -296,8 +305,11 @@ class BaseTrainer(metaclass=ABCMeta):
 
     def resume(self, state: dict, source: str = "resume checkpoint") -> None:
         """Continue exactly where `state` (a loaded checkpoint) stopped."""
-        load_model_state(self.model, state["state_dict"], strict=True, source=source)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if isinstance(state.get("sharded"), dict):  # a verified checkpoint directory (checkpoint/sharded.py)
+            load_sharded_into(self.model, self.optimizer, state["sharded"])
+        else:
+            load_model_state(self.model, state["state_dict"], strict=True, source=source)
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         scaler = getattr(self, "scaler", None)

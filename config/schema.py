@@ -16,6 +16,7 @@ from typing import Any
 REQUIRED = object()
 # \Z, not $: `$` also matches before a final newline, which would let "run\n" through.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+FSDP_DTYPES = ("float32", "bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -128,6 +129,23 @@ SCHEMA: dict[str, Key] = {
                                    "batch size compiles again)", None, nullable=True),
         }),
         "sync_batchnorm": Key("bool", "convert BatchNorm to SyncBatchNorm under torchrun", False),
+        "strategy": Key("str", "under torchrun: ddp (a whole copy of the model per process) or fsdp (parameters, "
+                               "gradients and optimizer state sharded with FSDP2's fully_shard; sharded checkpoints; "
+                               "README: Bigger models)", "ddp", choices=("ddp", "fsdp")),
+        "fsdp": Key("section", "with strategy fsdp: how the model is sharded", {}, keys={
+            "wrap": Key("list", "module class names (e.g. Block): each module of these classes is sharded as one "
+                                "unit (its parameters gathered together), then the root module", [], item="str"),
+            "mixed_precision": Key("section", "FSDP2's MixedPrecisionPolicy: compute in param_dtype, reduce "
+                                              "gradients in reduce_dtype (the sharded parameters stay float32)",
+                                   None, nullable=True, keys={
+                                       "param_dtype": Key("str", "dtype of the gathered parameters", "bfloat16",
+                                                          choices=FSDP_DTYPES),
+                                       "reduce_dtype": Key("str", "dtype of the gradient reduction", "float32",
+                                                           choices=FSDP_DTYPES),
+                                   }),
+            "cpu_offload": Key("bool", "keep the sharded parameters, gradients and optimizer state in CPU memory "
+                                       "(FSDP2's CPUOffloadPolicy)", False),
+        }),
         "ddp_backend": Key("str", "torch.distributed backend under torchrun: auto (nccl on CUDA, else gloo), "
                                   "gloo or nccl", "auto", choices=("auto", "gloo", "nccl")),
         "watch": Key("section", "forward/backward hooks recording activation and gradient statistics", None,

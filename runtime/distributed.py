@@ -89,6 +89,71 @@ def wrap_model(model: nn.Module, device: torch.device, sync_batchnorm: bool,
                                                find_unused_parameters=find_unused), converted
 
 
+def check_fsdp_config(cfg: dict, model: nn.Module, device: torch.device, resume_path=None,
+                      resume_sharded: bool = False) -> None:
+    """trainer.strategy fsdp: every name in trainer.fsdp.wrap is the class of some module of the model, the
+    settings FSDP2 cannot honour here are refused, and a resume keeps its checkpoint format; all before
+    anything is written."""
+    if resume_path and resume_sharded != (cfg["strategy"] == "fsdp"):
+        kind = "a sharded (strategy fsdp)" if resume_sharded else "a single-file"
+        raise ConfigError(f"trainer.strategy: {cfg['strategy']} cannot resume {kind} checkpoint ({resume_path}); "
+                          f"resume with the strategy it was written with"
+                          + ("" if resume_sharded else f", or start a new run from its weights: "
+                                                       f"arch.pretrained={resume_path}"))
+    if cfg["strategy"] != "fsdp":
+        return
+    classes = {type(module).__name__ for module in model.modules()}
+    unknown = [name for name in cfg["fsdp"]["wrap"] if name not in classes]
+    if unknown:
+        from config.schema import suggest
+
+        raise ConfigError([f"trainer.fsdp.wrap: {name!r} is not the class of any module of "
+                           f"{type(model).__name__}{suggest(name, classes)} (its module classes: "
+                           f"{', '.join(sorted(classes))})" for name in unknown])
+    if cfg["sync_batchnorm"]:
+        raise ConfigError("trainer.sync_batchnorm: SyncBatchNorm works with strategy ddp only")
+    if cfg["fsdp"]["cpu_offload"] and device.type != "cuda":
+        raise ConfigError(f"trainer.fsdp.cpu_offload: offloads from a CUDA device (the device is {device.type}); "
+                          f"set trainer.fsdp.cpu_offload=false")
+    if cfg["compile"]:
+        raise ConfigError("trainer.compile: not supported with strategy fsdp yet; set trainer.compile=false")
+    if cfg["freeze"] is not None:
+        raise ConfigError("trainer.freeze: freezing modules works with strategy ddp only (FSDP2 shards "
+                          "frozen and trainable parameters of one unit together)")
+
+
+def shard_model(model: nn.Module, fsdp: dict, device: torch.device) -> nn.Module:
+    """FSDP2: fully_shard on each module whose class is named in `fsdp["wrap"]` (innermost first), then on
+    the root. The model stays the same object (its class becomes an FSDP subclass; its parameters DTensors
+    holding this rank's shard), so checkpoints keep the plain module's key names."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    options = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if fsdp["cpu_offload"] else OffloadPolicy()}
+    if fsdp["mixed_precision"] is not None:
+        dtypes = {key: getattr(torch, value) for key, value in fsdp["mixed_precision"].items()}
+        options["mp_policy"] = MixedPrecisionPolicy(**dtypes)
+    wrap = set(fsdp["wrap"])
+    # Deepest first: fully_shard on a parent takes the parameters its sharded children do not hold.
+    units = [module for module in model.modules() if type(module).__name__ in wrap and module is not model]
+    for module in reversed(units):
+        fully_shard(module, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters, their gradients and optimizer state); a plain tensor as is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)

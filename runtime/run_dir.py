@@ -81,7 +81,8 @@ class RunLock:
 
 def has_checkpoint(run_dir: Path) -> bool:
     # Temporaries (last.pth.tmp-<pid>) of a save that was killed do not count.
-    return any((run_dir / "checkpoints").glob("*.pth"))
+    # A sharded run (trainer.strategy fsdp) has its pointer file `last` once a save is complete.
+    return any((run_dir / "checkpoints").glob("*.pth")) or (run_dir / "checkpoints" / "last").is_file()
 
 
 def create_run_dir(config: dict, run_id: str | None) -> tuple[Path, RunLock, bool]:

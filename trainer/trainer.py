@@ -25,7 +25,7 @@ from errors import ConfigError, Interrupted, TrainingError
 from logger import Progress, get_logger
 from logger.views import SampleViews
 from runtime.batch import batch_size, describe, head, to_device
-from runtime.distributed import all_reduce
+from runtime.distributed import all_reduce, is_sharded, local_part
 from trainer.callbacks import build_callbacks
 from trainer.metrics import EpochMetrics
 
@@ -214,10 +214,10 @@ class Trainer(BaseTrainer):
                                self.global_step)
         if self.histograms:
             items = []
-            for name, param in unwrap_model(self.model).named_parameters():
-                items.append((f"weights/{name}", param.detach()))
+            for name, param in unwrap_model(self.model).named_parameters():  # FSDP2: rank 0's shards
+                items.append((f"weights/{name}", local_part(param.detach())))
                 if param.grad is not None:
-                    items.append((f"weights/{name}.grad", param.grad.detach()))
+                    items.append((f"weights/{name}.grad", local_part(param.grad.detach())))
             self.writer.add_histograms(items, self.global_step)
         if self._last_out is not None:
             out, batch = self._last_out  # without validation, the views show the epoch's last batch
@@ -241,7 +241,7 @@ class Trainer(BaseTrainer):
     def _valid_epoch(self, epoch: int) -> dict:
         views = SampleViews(len(self.valid_data_loader.sampler) if hasattr(self.valid_data_loader, "sampler")
                             else 0) if self.images else None
-        graph = self.writer.enabled and epoch == 1
+        graph = self.writer.enabled and epoch == 1 and not is_sharded(self.model)  # tracing rank 0 alone: FSDP hangs
         result = self.evaluate(self.valid_data_loader, self.valid_metrics, f"valid {epoch}/{self.epochs}", views,
                                graph)
         if views is not None:
@@ -255,6 +255,7 @@ class Trainer(BaseTrainer):
         (and all processes). Validation and test.py both run this."""
         metrics = metrics if metrics is not None else self.valid_metrics
         metrics.reset()
+        extra = self._extra_eval_batches(loader)
         wrapped, self.model = self.model, unwrap_model(self.model)  # no DDP collectives: ranks may hold
         self.model.eval()                                            # unequal numbers of batches
         capture = _InputCapture(self.model) if graph else None
@@ -275,6 +276,9 @@ class Trainer(BaseTrainer):
                     views.collect(*self._view_parts(out, batch))
                 if capture is not None:
                     capture.remove()
+            for _ in range(extra):  # FSDP2: every forward is collective; these repeat the last batch, uncounted
+                with self.autocast:
+                    self.step(batch)
         finally:
             if capture is not None:
                 capture.remove()
@@ -282,6 +286,18 @@ class Trainer(BaseTrainer):
                     self.writer.add_model_graph(self.model, capture.inputs)
             self.model = wrapped
         return metrics.compute(self.dist.enabled)
+
+    def _extra_eval_batches(self, loader) -> int:
+        """With FSDP2 every rank must run as many forwards as the others (validation is not padded, so ranks
+        may hold one batch fewer): how many forwards beyond its own batches this rank runs."""
+        if not (self.dist.enabled and is_sharded(self.model)):
+            return 0
+        counts = torch.tensor([len(loader), -len(loader)], dtype=torch.float64, device=self.device)
+        most, fewest = all_reduce(counts, op=torch.distributed.ReduceOp.MAX).tolist()
+        if -fewest == 0 and most > 0:
+            raise ConfigError(f"strategy fsdp: some process has no evaluation batch ({int(most)} on another); "
+                              f"use a larger validation split or fewer processes")
+        return int(most) - len(loader)
 
     @staticmethod
     def _view_parts(out: dict, batch) -> tuple:
@@ -324,6 +340,9 @@ class Trainer(BaseTrainer):
 
     def _no_sync(self, skip_allreduce: bool):
         """Under DDP, micro-batches before the last of an accumulation group skip the gradient all-reduce."""
+        if self.accumulate > 1 and self.dist.enabled and is_sharded(self.model):  # FSDP2 reads it in backward
+            self.model.set_requires_gradient_sync(not skip_allreduce)
+            return NULL_CONTEXT
         if skip_allreduce and self.dist.enabled:
             return self.model.no_sync()
         return NULL_CONTEXT
@@ -360,7 +379,7 @@ class Trainer(BaseTrainer):
         if self.clip_norm is not None:
             clip_from = grad_norm if self.clip_value is None else torch.nn.utils.get_total_norm(grads)
             torch.nn.utils.clip_grads_with_norm_(params, self.clip_norm, clip_from)
-        return grad_norm
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
 
     def _pending_losses(self) -> tuple[torch.Tensor | float, int]:
         """The waiting training losses: their sum weighted by batch size, and their number of samples."""
@@ -432,11 +451,21 @@ class Trainer(BaseTrainer):
         tensors += [(f"optimizer state {key!r} of parameter {names.get(id(p), '?')!r} after {where}", value)
                     for p, state in self.optimizer.state.items() for key, value in state.items()
                     if isinstance(value, torch.Tensor) and value.is_floating_point()]
+        tensors = [(what, local_part(t)) for what, t in tensors]  # FSDP2: this rank's shards; ranks agree below
         tensors = [(what, t) for what, t in tensors if t.numel()]
-        if not tensors or torch.stack([torch.isfinite(t).all() for _, t in tensors]).all().item():  # one host sync
+        sharded = self.dist.enabled and is_sharded(self.model)
+        finite = not tensors or torch.stack([torch.isfinite(t).all() for _, t in tensors]).all().item()  # one host sync
+        if sharded:
+            finite = bool(all_reduce(torch.tensor([float(finite)], device=self.device),
+                                     op=torch.distributed.ReduceOp.MIN).item())
+        if finite:
             return
         # Gradients first: a non-finite gradient is the cause of the non-finite weights and state after it.
         bad = [what for what, t in tensors if not torch.isfinite(t).all()]
+        if sharded:  # every rank raises, naming what the first rank with a non-finite shard found
+            found = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(found, bad)
+            bad = next(b for b in found if b)
         what = next((w for w in bad if w.startswith("gradient")), bad[0])
         hint = {"weights": " (a non-finite gradient, or a learning rate far too large?)",
                 "buffer": " (trainer.allow_nonfinite_buffers lets a buffer hold inf or NaN on purpose)",
@@ -444,7 +473,7 @@ class Trainer(BaseTrainer):
         raise TrainingError(f"non-finite {what}{hint.get(what.split()[0], '')}; {self._kept()}")
 
     def _kept(self) -> str:
-        if self.checkpoint_dir is not None and (self.checkpoint_dir / "last.pth").exists():
+        if self.checkpoint_dir is not None and any((self.checkpoint_dir / n).exists() for n in ("last.pth", "last")):
             return "checkpoints on disk are from before it"
         return "no checkpoint was written"
 

@@ -1,0 +1,290 @@
+"""trainer.strategy fsdp (FSDP2) and sharded checkpoints (checkpoint/sharded.py).
+
+Quick tests run one process (DCP without a process group: the same files and checks); the slow ones run
+torchrun with 2 processes on gloo: FSDP against DDP, resume 2 -> 1 -> 2, and kill -9 during saves.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import os
+import pickle
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import PYTHON, ROOT, run_script
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+TORCHRUN = Path(PYTHON).with_name("torchrun")
+
+# 1292 training digits = 19 steps of 68 (2 x 34 under torchrun): no padding, so 1 and 2 processes and
+# DDP and FSDP all take the same steps. No dropout, no BatchNorm: the state depends on the samples only.
+# Accumulation and clipping are on, so the comparisons cover them.
+CONFIG = {
+    "name": "fsdp", "seed": 3, "device": "cpu",
+    "arch": {"type": "MLP", "args": {"in_features": 64, "hidden": 32, "num_classes": 10, "depth": 2}},
+    "data_loader": {"type": "DigitsDataLoader",
+                    "args": {"batch_size": 34, "shuffle": True, "validation_split": 145, "num_workers": 0}},
+    "optimizer": {"type": "SGD", "args": {"lr": 0.005, "momentum": 0.9}},
+    "loss": "cross_entropy", "metrics": ["accuracy"],
+    "trainer": {"epochs": 3, "monitor": "min val_loss", "verbosity": 1, "tensorboard": False,
+                "strategy": "fsdp", "fsdp": {"wrap": ["Linear"]}, "save_every_steps": 7,
+                "accumulate_grad_batches": 2, "clip_grad_norm": 1.0},  # 10 steps an epoch, the last one short
+}
+TOLERANCE = 1e-5  # FSDP reduce-scatters where DDP all-reduces: the same sums in another order
+
+
+def write_config(tmp: Path, **trainer) -> Path:
+    path = tmp / "fsdp.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "trainer": {**CONFIG["trainer"], "save_dir": str(tmp), **trainer}}))
+    return path
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train.py"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD})
+
+
+def consolidated(source: Path, out: Path) -> dict:
+    proc = subprocess.run([PYTHON, "-m", "checkpoint.consolidate", str(source), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **ONE_THREAD})
+    ok(proc)
+    return torch.load(out, weights_only=True)
+
+
+def assert_close_states(a: dict, b: dict, tolerance: float = TOLERANCE) -> None:
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=tolerance)
+    for index, state in a["optimizer"]["state"].items():
+        torch.testing.assert_close(state["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"],
+                                   rtol=0, atol=tolerance)
+
+
+# ---- one process (quick) ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict:
+    """strategy fsdp without torchrun: the model is not sharded, the checkpoints are (one shard)."""
+    tmp = tmp_path_factory.mktemp("single")
+    config = write_config(tmp, epochs=1)
+    ok(run_script("train.py", "-c", str(config), "--run-id", "one", env=ONE_THREAD))
+    return {"tmp": tmp, "config": config, "run": tmp / "fsdp" / "one"}
+
+
+def copy_checkpoint(run: Path, tmp: Path, name: str) -> Path:
+    import shutil
+
+    source = run / "checkpoints" / (run / "checkpoints" / "last").read_text().strip()
+    target = tmp / name / "checkpoints" / source.name
+    shutil.copytree(source, target)
+    return target
+
+
+def test_a_wrong_wrap_name_is_a_config_error_before_anything_is_written(tmp_path):
+    config = write_config(tmp_path, fsdp={"wrap": ["Linaer"]})
+    proc = run_script("train.py", "-c", str(config), env=ONE_THREAD)
+    assert proc.returncode == 2, proc.stderr
+    assert "trainer.fsdp.wrap: 'Linaer' is not the class of any module of MLP (did you mean 'Linear'?)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "fsdp").exists()
+
+
+def test_a_run_writes_checkpoint_directories_with_pointers(single):
+    checkpoints = single["run"] / "checkpoints"
+    last = (checkpoints / "last").read_text().strip()
+    assert last == "epoch-1" and (checkpoints / "best").read_text().strip() == "epoch-1"
+    files = set(os.listdir(checkpoints / last))
+    assert {"manifest.json", ".metadata", "trainer.pth", "__0_0.distcp"} <= files
+    # step-7 and step-14 (mid-epoch saves) were pruned once `last` moved past them
+    assert sorted(os.listdir(checkpoints)) == ["best", "epoch-1", "last"]
+
+
+@pytest.mark.parametrize("victim", ["__0_0.distcp", ".metadata", "trainer.pth", "manifest.json"])
+def test_a_flipped_byte_in_any_file_is_refused(single, tmp_path, victim):
+    folder = copy_checkpoint(single["run"], tmp_path, "flip")
+    path = folder / victim
+    data = bytearray(path.read_bytes())
+    where = len(data) // 2 if victim != "manifest.json" else data.index(b"\n") + 1  # a manifest line's indent
+    data[where] ^= 0x01
+    path.write_bytes(bytes(data))
+    proc = run_script("train.py", "-r", str(folder), env=ONE_THREAD)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line and "warn" not in line]
+    assert len(lines) == 1 and "corrupted" in lines[0], proc.stderr
+
+
+def test_a_pickle_payload_in_metadata_never_runs(single, tmp_path):
+    folder = copy_checkpoint(single["run"], tmp_path, "payload")
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    body = pickle.dumps(Payload())
+    (folder / ".metadata").write_bytes(body)
+    # The attacker recomputes the manifest too: only the restricted unpickler stands in the way.
+    manifest = folder / "manifest.json"
+    content = json.loads(manifest.read_bytes().rpartition(b"\nsha256 ")[0])
+    content["files"][".metadata"] = {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    new = json.dumps(content).encode()
+    manifest.write_bytes(new + b"\nsha256 " + hashlib.sha256(new).hexdigest().encode() + b"\n")
+    proc = run_script("train.py", "-r", str(folder), env=ONE_THREAD)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "posix.system is not allowed in DCP metadata" in proc.stderr
+    assert not marker.exists()
+
+
+def test_a_temporary_directory_is_ignored_and_swept(single, tmp_path):
+    import shutil
+
+    run = tmp_path / "fsdp" / "one"
+    shutil.copytree(single["run"], run)
+    checkpoints = run / "checkpoints"
+    stale = checkpoints / f"epoch-2.tmp-{'ab' * 16}"
+    stale.mkdir()
+    (stale / "garbage").write_bytes(b"x")
+    config = write_config(tmp_path, epochs=2)
+    proc = ok(run_script("train.py", "-r", str(run), "-c", str(config), env=ONE_THREAD))
+    assert "resumed at epoch 1 end" in proc.stdout + proc.stderr
+    assert not stale.exists()
+    assert (checkpoints / "last").read_text().strip() == "epoch-2"
+
+
+def test_consolidated_checkpoint_loads_in_test_py(single, tmp_path):
+    out = tmp_path / "model.pth"
+    state = consolidated(single["run"], out)
+    assert state["config"]["trainer"]["strategy"] == "ddp"
+    proc = ok(run_script("test.py", "-r", str(out), env=ONE_THREAD))
+    assert "accuracy:" in proc.stdout
+
+
+def test_test_py_on_a_sharded_run_names_the_consolidate_command(single):
+    proc = run_script("test.py", "-r", str(single["run"]), env=ONE_THREAD)
+    assert proc.returncode == 2
+    assert "python -m checkpoint.consolidate" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_kill_9_during_saves_never_leaves_a_wrong_checkpoint(tmp_path):
+    """20 kills at random moments of a loop of saves (tests/workers/fsdp_save_loop.py): what a resume picks
+    always holds one step whole, and so does every other directory that passes verification."""
+    proc = subprocess.run([PYTHON, str(ROOT / "tests" / "workers" / "fsdp_save_loop.py"), str(tmp_path), "20", "19"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **ONE_THREAD})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 20
+    assert [r["wrong"] for r in results] == [[]] * 20, results
+    assert sum(r["resumable"] is not None for r in results) >= 15, results
+
+
+# ---- torchrun, 2 processes (slow) ------------------------------------------------------------------------
+needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to the interpreter")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """The same 3 epochs under DDP and FSDP (2 processes each), FSDP resumed 2 -> 1 -> 2 processes, and
+    resumed 2 -> 2 from a mid-epoch checkpoint."""
+    tmp = tmp_path_factory.mktemp("runs")
+    config = write_config(tmp)
+    ok(torchrun("-c", str(config), "--run-id", "fsdp"))
+    ok(torchrun("-c", str(config), "--run-id", "ddp", "trainer.strategy=ddp"))
+    ok(torchrun("-c", str(config), "--run-id", "hop", "trainer.epochs=1"))
+    hop = tmp / "fsdp" / "hop"
+    one = ok(run_script("train.py", "-r", str(hop), "trainer.epochs=2", "--bs", "68", env=ONE_THREAD))
+    two = ok(torchrun("-r", str(hop), "trainer.epochs=3", "--bs", "34"))
+    # kill -9 to the whole torchrun job right after its mid-epoch save of step 14 (epoch 2, batch 8 of 19),
+    # then resume with 2 processes: the end must equal the uninterrupted run bit for bit.
+    same = tmp / "fsdp" / "same"
+    job = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"), "-c",
+                            str(config), "--run-id", "same", "trainer.save_every_steps=14", "trainer.verbosity=2"],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD})
+    try:
+        for line in job.stdout:
+            if "saved" in line and "step-14" in line:
+                break
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert (same / "checkpoints" / "last").read_text().strip() in ("step-14", "epoch-2", "step-28")
+    ok(torchrun("-r", str(same)))
+    return {"tmp": tmp, "fsdp": tmp / "fsdp" / "fsdp", "ddp": tmp / "fsdp" / "ddp", "hop": hop, "same": same,
+            "output": one.stdout + one.stderr + two.stdout + two.stderr}
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_fsdp_training_equals_ddp_training(runs):
+    fsdp = consolidated(runs["fsdp"], runs["tmp"] / "fsdp.pth")
+    ddp = torch.load(runs["ddp"] / "checkpoints" / "last.pth", weights_only=True)
+    assert fsdp["global_step"] == ddp["global_step"] == 30
+    assert_close_states(fsdp, ddp)
+    assert fsdp["metrics"]["val_loss"] == pytest.approx(ddp["metrics"]["val_loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_resume_2_to_1_to_2_processes_matches_an_uninterrupted_run(runs):
+    assert "resuming a 2-process checkpoint with 1 process(es)" in runs["output"]
+    hopped = consolidated(runs["hop"], runs["tmp"] / "hop.pth")
+    whole = consolidated(runs["fsdp"], runs["tmp"] / "whole.pth")
+    assert_close_states(hopped, whole)
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_resume_with_the_same_number_of_processes_is_exact(runs):
+    resumed = consolidated(runs["same"], runs["tmp"] / "same.pth")
+    whole = consolidated(runs["fsdp"], runs["tmp"] / "whole2.pth")
+    assert_close_states(resumed, whole, tolerance=0.0)
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_a_non_finite_shard_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path):
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "workers" / "fsdp_rank_local_nan.py"), str(tmp_path / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, **ONE_THREAD})
+    output = proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}: non-finite optimizer state 'momentum_buffer' of parameter 'net.1.weight' after step 2" \
+            in output, output[-3000:]
+    assert "checkpoints: []" in output, output[-3000:]
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_sigterm_stops_both_ranks_at_one_step_with_a_sharded_checkpoint(tmp_path):
+    config = write_config(tmp_path, epochs=5, verbosity=2, save_every_steps=4)
+    job = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"), "-c",
+                            str(config), "--run-id", "stop"], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD})
+    lines = []
+    for line in job.stdout:
+        lines.append(line)
+        if "saved" in line and "step-4" in line:
+            job.send_signal(signal.SIGTERM)
+            break
+    lines += job.stdout.readlines()
+    job.wait(timeout=120)
+    output = "".join(lines)
+    stops = re.findall(r"stopped by signal at epoch (\d+)(?: end|, step (\d+)); checkpoint saved", output)
+    assert len(stops) == 2 and stops[0] == stops[1], output[-3000:]  # both ranks, the same place
+    epoch, step = stops[0]
+    checkpoints = tmp_path / "fsdp" / "stop" / "checkpoints"
+    assert (checkpoints / "last").read_text().strip() == (f"step-{step}" if step else f"epoch-{epoch}")
