@@ -157,6 +157,7 @@ def test_a_shape_bug_in_forward_names_the_model_and_its_line(project, tmp_path):
     assert not (tmp_path / "saved").exists()
 
 
+@pytest.mark.slow
 def test_a_metric_that_fails_on_the_target_is_named(project, tmp_path):
     proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "metrics=[accuracy, target_mean]")
     assert proc.returncode == 2
@@ -168,6 +169,7 @@ def test_a_metric_that_fails_on_the_target_is_named(project, tmp_path):
     assert not (tmp_path / "saved").exists()
 
 
+@pytest.mark.slow
 def test_an_output_that_broadcasts_against_the_target_is_reported_not_warned(project, tmp_path):
     proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "arch.type=OneOutput", "arch.args={}",
                  "loss=plain_mse", "metrics=[]", "trainer.monitor=off")
@@ -181,6 +183,7 @@ def test_an_output_that_broadcasts_against_the_target_is_reported_not_warned(pro
     assert not (tmp_path / "saved").exists()
 
 
+@pytest.mark.slow
 def test_a_loss_that_reshapes_the_output_itself_is_not_refused_and_a_hand_written_one_is(project, tmp_path):
     common = ["-c", "configs/digits.yaml", "arch.type=OneOutput", "arch.args={}", "metrics=[]", "trainer.monitor=off",
               "--dry-run"]
@@ -190,6 +193,7 @@ def test_a_loss_that_reshapes_the_output_itself_is_not_refused_and_a_hand_writte
     assert proc.returncode == 2 and f"which broadcast at model/loss.py:{line} to (64, 64)" in one_error(proc)
 
 
+@pytest.mark.slow
 def test_a_metric_returning_one_value_per_sample_is_refused_before_training(project, tmp_path):
     proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "metrics=[per_sample]",
                  "trainer.monitor=off")
@@ -201,6 +205,7 @@ def test_a_metric_returning_one_value_per_sample_is_refused_before_training(proj
     assert not (tmp_path / "saved").exists()
 
 
+@pytest.mark.slow
 def test_a_trainer_init_that_fails_is_one_line_naming_its_line(project, tmp_path):
     (project / "trainer" / "reads_user.py").write_text(
         "from trainer.trainer import Trainer\n\n\n"
@@ -250,6 +255,7 @@ def test_the_sanity_pass_leaves_weights_buffers_and_random_streams_alone():
 
 # ---- 2 and 3. errors during training, and how every run ends in train.log ---------------------------
 
+@pytest.mark.slow
 def test_an_error_after_the_first_steps_is_one_line_with_its_traceback_in_train_log(project, tmp_path):
     proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "arch.type=FailsLater",
                  "arch.args={fail_after: 45}", "trainer.epochs=3", "trainer.monitor=off", "metrics=[]",
@@ -268,6 +274,7 @@ def test_an_error_after_the_first_steps_is_one_line_with_its_traceback_in_train_
     assert "Traceback" not in proc.stdout  # verbosity 1: the traceback is in train.log only
 
 
+@pytest.mark.slow
 def test_verbosity_2_also_prints_the_traceback(project, tmp_path):
     proc = subprocess.run([PYTHON, "train.py", "-c", "configs/digits.yaml", "arch.type=FailsLater",
                            "arch.args={fail_after: 45}", "trainer.epochs=3", "trainer.monitor=off", "metrics=[]",
@@ -277,6 +284,7 @@ def test_verbosity_2_also_prints_the_traceback(project, tmp_path):
     assert "Traceback (most recent call last)" in proc.stdout and "ValueError: call 46 went wrong" in proc.stdout
 
 
+@pytest.mark.slow
 def test_train_log_ends_with_how_the_run_ended(project, tmp_path):
     save = tmp_path / "saved"
     finished = train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=2", "--run-id", "done")
@@ -299,6 +307,7 @@ def test_train_log_ends_with_how_the_run_ended(project, tmp_path):
     assert last.endswith(one_error(nan)[len("error: "):])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_is_recorded_in_train_log_with_the_resume_command(project, tmp_path, signum):
     proc = subprocess.Popen([PYTHON, "train.py", "-c", "configs/digits.yaml", "trainer.epochs=1000", "--run-id",
@@ -319,6 +328,7 @@ def test_a_signal_is_recorded_in_train_log_with_the_resume_command(project, tmp_
     assert "WARNING stopped by signal at epoch" in last and last.endswith(f"({signum.name}); {command}")
 
 
+@pytest.mark.slow
 def test_test_py_errors_in_user_code_are_one_line(project, tmp_path):
     save = tmp_path / "saved"
     assert train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=1", "arch.type=FailsLater",
@@ -345,6 +355,7 @@ def test_test_py_errors_in_user_code_are_one_line(project, tmp_path):
                      f"ValueError: call 4 went wrong")
 
 
+@pytest.mark.slow
 def test_an_older_checkpoint_of_a_run_is_not_continued_over_its_newer_ones(project, tmp_path):
     save = tmp_path / "saved"
     assert train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=2", "trainer.save_period=1",
@@ -366,6 +377,7 @@ def test_an_older_checkpoint_of_a_run_is_not_continued_over_its_newer_ones(proje
 
 # ---- 5. runs that cannot train ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_zero_steps_per_epoch_is_refused_and_a_huge_batch_is_a_warning(project, tmp_path):
     common = ["-c", "configs/digits.yaml", "data_loader.type=TinyDataLoader", "data_loader.args={}",
               "metrics=[accuracy]", "trainer.epochs=1", "trainer.monitor=off"]
@@ -383,6 +395,7 @@ def test_zero_steps_per_epoch_is_refused_and_a_huge_batch_is_a_warning(project, 
     assert warning in (tmp_path / "saved" / "digits" / "big" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_so_and_names_the_override(project, tmp_path):
     save = tmp_path / "saved"
     assert train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=1", "--run-id", "f").returncode == 0
@@ -401,6 +414,7 @@ def test_resuming_a_finished_run_says_so_and_names_the_override(project, tmp_pat
 
 # ---- 7. user keys, duplicate class names, -d as GPU indices -----------------------------------------
 
+@pytest.mark.slow
 def test_user_values_are_plain_data_that_reach_the_trainer(project, tmp_path):
     (project / "trainer" / "uses_user.py").write_text(
         "from trainer.trainer import Trainer\n\n\n"
@@ -416,6 +430,7 @@ def test_user_values_are_plain_data_that_reach_the_trainer(project, tmp_path):
     assert one_error(proc) == "error: configs/digits.yaml: user: expected a mapping, got [1, 2]"
 
 
+@pytest.mark.slow
 def test_a_class_name_defined_in_two_modules_is_a_config_error_naming_both(project, tmp_path):
     (project / "model" / "copy_of_mnist.py").write_text(
         "import torch.nn as nn\n\nfrom base import BaseModel\n\n\n"

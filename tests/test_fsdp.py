@@ -102,6 +102,7 @@ def test_a_wrong_wrap_name_is_a_config_error_before_anything_is_written(tmp_path
     assert not (tmp_path / "fsdp").exists()
 
 
+@pytest.mark.slow
 def test_a_run_writes_checkpoint_directories_with_pointers(single):
     checkpoints = single["run"] / "checkpoints"
     last = (checkpoints / "last").read_text().strip()
@@ -112,6 +113,7 @@ def test_a_run_writes_checkpoint_directories_with_pointers(single):
     assert sorted(os.listdir(checkpoints)) == ["best", "epoch-1", "last"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["__0_0.distcp", ".metadata", "trainer.pth", "manifest.json"])
 def test_a_flipped_byte_in_any_file_is_refused(single, tmp_path, victim):
     folder = copy_checkpoint(single["run"], tmp_path, "flip")
@@ -126,6 +128,7 @@ def test_a_flipped_byte_in_any_file_is_refused(single, tmp_path, victim):
     assert len(lines) == 1 and "corrupted" in lines[0], proc.stderr
 
 
+@pytest.mark.slow
 def test_a_pickle_payload_in_metadata_never_runs(single, tmp_path):
     folder = copy_checkpoint(single["run"], tmp_path, "payload")
     marker = tmp_path / "marker"
@@ -148,6 +151,7 @@ def test_a_pickle_payload_in_metadata_never_runs(single, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_temporary_directory_is_ignored_and_swept(single, tmp_path):
     import shutil
 
@@ -164,6 +168,7 @@ def test_a_temporary_directory_is_ignored_and_swept(single, tmp_path):
     assert (checkpoints / "last").read_text().strip() == "epoch-2"
 
 
+@pytest.mark.slow
 def test_consolidated_checkpoint_loads_in_test_py(single, tmp_path):
     out = tmp_path / "model.pth"
     state = consolidated(single["run"], out)
@@ -172,6 +177,7 @@ def test_consolidated_checkpoint_loads_in_test_py(single, tmp_path):
     assert "accuracy:" in proc.stdout
 
 
+@pytest.mark.slow
 def test_test_py_on_a_sharded_run_names_the_consolidate_command(single):
     proc = run_script("test.py", "-r", str(single["run"]), env=ONE_THREAD)
     assert proc.returncode == 2
