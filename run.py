@@ -38,13 +38,15 @@ def _resolve_config(args: argparse.Namespace):
     if not args.resume:
         _announce(args, overrides, Path(args.config))
         return load_config(args.config, overrides), None, None, Path(args.config).suffix.lower()
+    given = Path(args.resume)
+    # The first line before torch is imported (by checkpoint): the run directory found by its layout alone.
+    _announce(args, overrides, next((p for p in (given, given.parent, given.parent.parent)
+                                     if (p / "checkpoints").is_dir()), None))
+    from checkpoint import check_resume_state, find_resume_checkpoint, load_checkpoint
     from checkpoint.sharded import find_sharded, is_checkpoint_dir, is_sharded_run
     from runtime.run_dir import locate_checkpoint
 
-    given = Path(args.resume)
     target, run_dir = (given, given.parent.parent) if is_checkpoint_dir(given) else locate_checkpoint(args.resume)
-    _announce(args, overrides, run_dir)
-    from checkpoint import check_resume_state, find_resume_checkpoint, load_checkpoint
 
     notes = []
     if is_checkpoint_dir(target) or is_sharded_run(target):  # trainer.strategy fsdp: checkpoint/sharded.py

@@ -132,7 +132,7 @@ class BaseTrainer(metaclass=ABCMeta):
                     break
                 if self.early_stop and self.not_improved_count >= self.early_stop:
                     self.logger.info(f"early stopping: {self.monitor_metric} did not improve for "
-                                     f"{self.early_stop} epochs")
+                                     f"{self.early_stop} epoch{'s' if self.early_stop != 1 else ''}")
                     early_stopped = True
                     break
             status = "early-stopped" if early_stopped else "finished"

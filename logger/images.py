@@ -19,7 +19,7 @@ import torch
 TILE = 80          # pixels per sample image: tiny images are scaled up so a person can see them
 CELL = 140         # pixels per sample in a classification grid: the caption may be wider than the image
 FONT_SIZE = 21     # pixels; Pillow's own scalable font (Pillow >= 10.1 with FreeType)
-LINE = 24          # pixels per caption line
+LINE = 28          # pixels per caption line: the font's ascent and descent (g, p, y) with a margin
 GAP = 4            # pixels between samples
 COLUMNS = 5        # samples per row of a classification grid
 CORRECT, WRONG, PLAIN = (80, 220, 80), (255, 90, 90), (225, 225, 225)
@@ -112,7 +112,8 @@ def caption(text: str, colour: tuple[int, int, int], width: int, centred: bool =
     image = Image.new("RGB", (width, LINE), (0, 0, 0))
     text = _fit(text, font.getlength, width - 4)
     x = (width - font.getlength(text)) / 2 if centred else 2
-    ImageDraw.Draw(image).text((x, (LINE - FONT_SIZE) // 2), text, fill=colour, font=font)
+    ascent, descent = font.getmetrics()
+    ImageDraw.Draw(image).text((x, max(0, (LINE - ascent - descent) // 2)), text, fill=colour, font=font)
     return np.array(image)
 
 
