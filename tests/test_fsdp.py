@@ -294,3 +294,14 @@ def test_sigterm_stops_both_ranks_at_one_step_with_a_sharded_checkpoint(tmp_path
     epoch, step = stops[0]
     checkpoints = tmp_path / "fsdp" / "stop" / "checkpoints"
     assert (checkpoints / "last").read_text().strip() == (f"step-{step}" if step else f"epoch-{epoch}")
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_a_root_with_its_own_parameters_saves_after_validation(tmp_path):
+    """Found by a new user's trial: wrapping only some layers left the root's parameters gathered after the
+    validation forward (no backward), and the epoch-end checkpoint read freed memory (SIGSEGV)."""
+    proc = torchrun("-c", str(ROOT / "configs" / "digits.yaml"), "trainer.strategy=fsdp", "trainer.fsdp.wrap=[Conv2d]",
+                    "trainer.epochs=2", f"trainer.save_dir={tmp_path}", "trainer.tensorboard=false")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(list(tmp_path.glob("digits/*/checkpoints/epoch-2*"))) == 1

@@ -284,6 +284,12 @@ class Trainer(BaseTrainer):
                 capture.remove()
                 if capture.inputs is not None:
                     self.writer.add_model_graph(self.model, capture.inputs)
+            if is_sharded(self.model):
+                # FSDP2 keeps the root's parameters gathered after a forward without backward: shard them
+                # again, or reading the parameters (the NaN guard, a checkpoint) touches freed memory.
+                for module in self.model.modules():
+                    if is_sharded(module):
+                        module.reshard()
             self.model = wrapped
         return metrics.compute(self.dist.enabled)
 
