@@ -372,7 +372,7 @@ def test_resolved_config_is_stored_in_run_dir_and_checkpoint(tmp_path, monkeypat
 
 # ---- the registry: adding a model is one class in the right folder ---------------------------------
 
-PROJECT = ["base", "model", "data_loader", "trainer", "logger", "config", "checkpoint", "runtime", "configs",
+PROJECT = ["base", "model", "data_loader", "trainer", "logger", "config", "checkpoint", "runtime", "sweep", "configs",
            "train.py", "run.py", "errors.py"]
 
 
