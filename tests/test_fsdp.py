@@ -93,6 +93,7 @@ def copy_checkpoint(run: Path, tmp: Path, name: str) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_a_wrong_wrap_name_is_a_config_error_before_anything_is_written(tmp_path):
     config = write_config(tmp_path, fsdp={"wrap": ["Linaer"]})
     proc = run_script("train.py", "-c", str(config), env=ONE_THREAD)

@@ -261,6 +261,7 @@ def test_metrics_csv_has_one_row_per_epoch_with_every_value(run):
         assert float(row["epoch_seconds"]) > 0
 
 
+@pytest.mark.slow
 def test_real_tensorboard_server_shows_one_chart_per_metric_and_differing_hparams_first(run, tmp_path):
     proc, save_dir, run_dir = run
     # A second run differing in one hyperparameter, in the same folder.
@@ -309,6 +310,7 @@ def test_real_tensorboard_server_shows_one_chart_per_metric_and_differing_hparam
         assert metric["summary/best_val_accuracy"] == pytest.approx(best["monitor_best"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_has_one_value_per_step_in_every_series_and_shows_its_overrides(run, tmp_path):
     """A finished run (a copy) rewound to its epoch-1 checkpoint leaves orphaned events and metrics.csv
     rows at every later step; that session is killed with SIGKILL after a mid-epoch save; a second resume,
@@ -516,6 +518,7 @@ def test_each_run_records_how_it_ended(tmp_path):
     assert hparams["status"] == "interrupted" and end.status == api_pb2.STATUS_UNKNOWN
 
 
+@pytest.mark.slow
 def test_learning_rate_of_a_per_step_schedule_is_the_one_each_step_used(tmp_path):
     """StepLR stepped every optimizer step, halving every 7 steps: step s trained at 2e-3 / 2^((s-1) // 7)."""
     run_script("train.py", "-c", CONFIG, "--run-id", "s",
@@ -532,6 +535,7 @@ def test_learning_rate_of_a_per_step_schedule_is_the_one_each_step_used(tmp_path
 
 
 # ---- TensorBoard off or absent, verbosity, plain output -------------------------------------------
+@pytest.mark.slow
 def test_tensorboard_missing_warns_once_and_verbosity_0_prints_nothing_else(tmp_path):
     proc = run_script("train.py", "-c", CONFIG, *small_digits(tmp_path, "trainer.epochs=1", "trainer.verbosity=0"),
                       env=blocked_tensorboard(tmp_path), check=True)
@@ -543,6 +547,7 @@ def test_tensorboard_missing_warns_once_and_verbosity_0_prints_nothing_else(tmp_
     assert [row["epoch"] for row in csv_rows(next(tmp_path.rglob("train.log")).parent)] == ["1"]
 
 
+@pytest.mark.slow
 def test_tensorboard_off_writes_nothing_and_never_imports_it(tmp_path):
     # With `import tensorboard` failing, a run with TensorBoard off must not even notice.
     proc = run_script("train.py", "-c", CONFIG, *small_digits(tmp_path, "trainer.epochs=1", "trainer.verbosity=2",

@@ -65,6 +65,7 @@ def test_refuses_a_non_empty_directory(tmp_path: Path):
     assert (tmp_path / "taken" / "file.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_readme_walkthrough_runs_on_a_new_project(project: Path):
     blocks = readme_blocks()
     assert {lang for lang, _ in blocks} >= {"python", "yaml", "bash"}
@@ -83,6 +84,7 @@ def test_readme_walkthrough_runs_on_a_new_project(project: Path):
     assert re.search(r"^balanced_accuracy: \d\.\d{4}$", outputs[-1], flags=re.M), outputs[-1]
 
 
+@pytest.mark.slow
 def test_new_project_trains_its_quickstart(project: Path):
     proc = subprocess.run([PYTHON, "train.py", "-c", "configs/digits.yaml", "trainer.epochs=1", "--run-id", "smoke"],
                           cwd=project, capture_output=True, text=True, timeout=300)

@@ -92,6 +92,7 @@ def test_shipped_config_trains(name, tmp_path_factory):
     assert list(run_dir.glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_image_folder_test_split(tmp_path_factory):
     """test.py on the image-folder config reads test_dir, labelled with the training folders' classes.
     (CIFAR's and MNIST's test files are read in tests/test_datasets.py.)"""
@@ -103,6 +104,7 @@ def test_image_folder_test_split(tmp_path_factory):
     assert 0.0 <= float(values["accuracy"]) <= 1.0 and math.isfinite(float(values["loss"]))
 
 
+@pytest.mark.slow
 def test_json_and_yaml_configs_are_the_same_run(tmp_path_factory):
     """configs/digits.json and configs/digits.yaml: same seed, bit-identical weights after an epoch."""
     from_yaml = _load(shipped_run("digits.yaml", tmp_path_factory) / "checkpoints" / "last.pth")
