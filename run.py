@@ -173,6 +173,9 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
     own_stop = stop is None
     stop = StopSignal() if stop is None else stop
     config, resume, run_dir, suffix = _resolve_config(args)
+    from logger.writers import check_loggers
+
+    check_loggers(config)  # mlflow named and not installed: a config error now, not after the run directory
     if resume and not args.print_config:
         done = _finished(resume["state"], config, run_dir or resume["path"])
         if done:
@@ -192,7 +195,8 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
     from checkpoint import check_optimizer_fits, check_scheduler_fits, sweep_temporaries
     from config.build import (build_data_loaders, build_loss, build_lr_scheduler, build_metrics, build_model,
                               build_optimizer, trainer_class)
-    from logger import make_writer, setup_logging
+    from logger import setup_logging
+    from logger.writers import make_writers
     from runtime.device import check_amp, resolve_device
     from runtime.distributed import (barrier, broadcast_object, check_fsdp_config, check_sync_batchnorm,
                                      distributed_context, init_process_group, shard_model, shutdown, wrap_model)
@@ -284,7 +288,7 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
             torch.manual_seed(mix_seed(config["seed"], dist.rank))
         # A fresh start in a reused directory purges the curves of the start that left no checkpoint.
         purge = resume["state"]["global_step"] + 1 if resume else 0 if reused else None
-        writer = make_writer(run_dir, cfg["tensorboard"] and dist.is_main, purge_step=purge)
+        writer = make_writers(run_dir, config, dist.is_main, purge, resumed=resume is not None)
         # Every session (a resume's overrides included): hyperparameters, config and status for TensorBoard.
         writer.start_run(config, f"{config['name']}/{run_dir.name}")
         stop.install()
@@ -493,7 +497,8 @@ def _summary(logger, config: dict, run_dir: Path, trainer, result: dict, seconds
     checkpoints = run_dir / "checkpoints"
     best = checkpoints / ("best.pth" if (checkpoints / "best.pth").exists() else "last.pth")
     logger.info(f"checkpoints: {checkpoints}")
-    logger.info(f"metrics:     {run_dir / 'metrics.csv'}")
+    if trainer.metrics_csv is not None:
+        logger.info(f"metrics:     {run_dir / 'metrics.csv'}")
     if trainer.sharded_checkpoints:  # checkpoint directories: test.py reads one plain file
         logger.info(f"evaluate:    python -m checkpoint.consolidate {run_dir} model.pth && python test.py -r model.pth")
     else:
@@ -501,5 +506,11 @@ def _summary(logger, config: dict, run_dir: Path, trainer, result: dict, seconds
     more = f"trainer.early_stop={trainer.early_stop + 5}" if result["early_stopped"] else \
         f"trainer.epochs={trainer.epochs + 10}"
     logger.info(f"train more:  {_resume_command(run_dir, trainer.dist)} {more}")
-    if trainer.writer.enabled:
+    if trainer.writer.draws:
         logger.info(f"tensorboard: tensorboard --logdir {config['trainer']['save_dir']}")
+    if "mlflow" in config["trainer"]["loggers"]:
+        from logger.mlflow_logger import read_run_file, shown_uri
+
+        recorded = read_run_file(run_dir)
+        if recorded is not None and recorded[1] is not None:
+            logger.info(f"mlflow:      mlflow ui --backend-store-uri {shown_uri(recorded[1])}")

@@ -65,10 +65,11 @@ class BaseTrainer(metaclass=ABCMeta):
         self.should_stop = False  # set by a hook or callback: end the run cleanly after this epoch's checkpoint
         self.last_step_lrs: list[float] | None = None  # the rates of the last step, before a per-step scheduler moved them
         self.callbacks: list = []  # objects with the hook methods below (trainer/callbacks.py)
-        # Per-epoch sinks, each handed the same EpochRecord: metrics.csv (main process, with a run directory,
-        # TensorBoard on or off) and the TensorBoard writer.
+        # Per-epoch sinks, each handed the same EpochRecord: metrics.csv (trainer.loggers csv; main process, with
+        # a run directory) and the writer (TensorBoard and/or MLflow, logger/writers.py).
         main_with_dir = self.run_dir is not None and self.dist.is_main
-        self.metrics_csv = CsvLogger(self.run_dir / "metrics.csv") if main_with_dir else None
+        csv = main_with_dir and "csv" in cfg["loggers"]
+        self.metrics_csv = CsvLogger(self.run_dir / "metrics.csv") if csv else None
         self.epoch_logs: list[EpochLogger] = [s for s in (self.metrics_csv, self.writer) if s is not None]
 
     # ---- hooks: override in a subclass (trainer.type) to extend the loop -------------------------
@@ -204,8 +205,8 @@ class BaseTrainer(metaclass=ABCMeta):
             self.writer.set_summary(final, self.global_step)
 
     def _end_epoch_logs(self, status: str) -> None:
-        """How the session ended goes to the HParams view; a failure to write it must not hide the run's own
-        error (the caller re-raises that)."""
+        """How the session ended goes to the HParams view and MLflow's run status; a failure to write it must
+        not hide the run's own error (the caller re-raises that)."""
         try:
             self.writer.record_status(status)
         except OSError as exc:

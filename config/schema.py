@@ -18,6 +18,7 @@ REQUIRED = object()
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 FSDP_DTYPES = ("float32", "bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+LOGGERS = ("tensorboard", "csv", "mlflow")  # trainer.loggers: logger/writers.py builds them
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,12 @@ SCHEMA: dict[str, Key] = {
         "monitor": Key("str", "'min <metric>' or 'max <metric>' (e.g. 'max val_accuracy'), or 'off'", "off"),
         "early_stop": Key("int", "stop after N epochs without improvement of the monitored metric (0: never)", 0,
                           minimum=0),
-        "tensorboard": Key("bool", "write TensorBoard event files into the run directory", True),
+        "loggers": Key("list", "where the run's scalars go: tensorboard (event files in the run directory), csv "
+                               "(metrics.csv), mlflow (a local MLflow store, <save_dir>/mlflow.db, or "
+                               "MLFLOW_TRACKING_URI; pip install -r requirements-extra.txt)", ["tensorboard", "csv"],
+                       item="str", choices=LOGGERS),
+        "tensorboard": Key("bool", "pytorch-template's switch: false leaves TensorBoard out even when trainer.loggers "
+                                   "names it", True),
         "log_every_steps": Key("int", "log the training loss every N optimizer steps", 50, minimum=1),
         "train_metric_batches": Key("int", "training metrics other than the loss are computed on about N "
                                            "batches per epoch (0: on every batch); evaluation uses every batch",
@@ -269,6 +275,12 @@ def _validate_value(value: Any, key: Key, where: str, problems: list[str]) -> An
             item_ok, _ = _kind_ok(key.item, item)
             if not item_ok:
                 problems.append(f"{where}[{i}]: expected {KIND_NAMES[key.item]}, got {short(item)}")
+            elif key.choices and item not in key.choices:  # a list's choices are those of its items
+                problems.append(f"{where}: {short(item)} is not one of {', '.join(key.choices)}"
+                                f"{suggest(item, key.choices)}")
+            elif key.choices and item in value[:i]:
+                problems.append(f"{where}: {short(item)} is named twice")
+        return value
     if key.choices and value not in key.choices:
         problems.append(f"{where}: {short(value)} is not one of {', '.join(key.choices)}{suggest(value, key.choices)}")
     if key.minimum is not None and (value <= key.minimum if key.exclusive_minimum else value < key.minimum):

@@ -39,7 +39,8 @@ STATUSES = ("running", "finished", "early-stopped", "interrupted", "failed")
 class NullWriter(EpochLogger):
     """Stands in for the writer when TensorBoard is off or on ranks other than 0: every call does nothing."""
 
-    enabled = False
+    enabled = False  # takes no scalars
+    draws = False    # nor histograms, images, the graph
 
     def add_scalar(self, *args, **kwargs) -> None: ...
     def add_histogram(self, *args, **kwargs) -> None: ...
@@ -199,7 +200,8 @@ def _writer_class():
     from torch.utils.tensorboard import SummaryWriter
 
     class Writer(SummaryWriter, EpochLogger):
-        enabled = True
+        enabled = True  # takes scalars
+        draws = True    # and histograms, images, the graph
 
         def __init__(self, log_dir: str, purge_step: int):
             self._pending: list = []

@@ -73,9 +73,9 @@ class Trainer(BaseTrainer):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.train_metrics = EpochMetrics(self.metric_fns, self.device)
         self.valid_metrics = EpochMetrics(self.metric_fns, self.device)
-        self.histograms = cfg["histograms"] and self.writer.enabled
+        self.histograms = cfg["histograms"] and self.writer.draws  # TensorBoard only: MLflow takes scalars
         self.train_writer = self.writer.split("train")  # one chart per name, training and validation curves
-        self.images = cfg["images"] and self.writer.enabled
+        self.images = cfg["images"] and self.writer.draws
         self.callbacks = build_callbacks(self.config, unwrap_model(self.model))
         self.params = list(self.model.parameters())
         self._losses: list[tuple[torch.Tensor, int, int]] = []  # (loss, batch size, step) not yet summed
@@ -241,7 +241,7 @@ class Trainer(BaseTrainer):
     def _valid_epoch(self, epoch: int) -> dict:
         views = SampleViews(len(self.valid_data_loader.sampler) if hasattr(self.valid_data_loader, "sampler")
                             else 0) if self.images else None
-        graph = self.writer.enabled and epoch == 1 and not is_sharded(self.model)  # tracing rank 0 alone: FSDP hangs
+        graph = self.writer.draws and epoch == 1 and not is_sharded(self.model)  # tracing rank 0 alone: FSDP hangs
         result = self.evaluate(self.valid_data_loader, self.valid_metrics, f"valid {epoch}/{self.epochs}", views,
                                graph)
         if views is not None:
