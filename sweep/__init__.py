@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from errors import ConfigError, UserError
+from errors import ConfigError, Interrupted, UserError
 
 __all__ = ["sweep_requested", "run_sweep"]
 
@@ -61,7 +61,8 @@ def run_sweep(args: argparse.Namespace, stop) -> int:
         if sweep_dir is None:  # --dry-run
             return 0
     forwarder = Forwarder().install(stop.signum)
-    lock = None
+    lock = parent = None
+    status = "FAILED"
     try:
         from runtime.run_dir import RunLock
 
@@ -70,17 +71,52 @@ def run_sweep(args: argparse.Namespace, stop) -> int:
             from sweep.runner import stopped
 
             raise stopped(forwarder, sweep_dir)
+        parent = _mlflow_parent(sweep_dir, spec)
+        env = {**os.environ, **parent.env} if parent is not None else None
         if spec["kind"] == "search":
             from sweep.search import run_search
 
-            return run_search(sweep_dir, spec, forwarder)
-        from sweep.runner import run_grid
+            code = run_search(sweep_dir, spec, forwarder, env)
+        else:
+            from sweep.runner import run_grid
 
-        return run_grid(sweep_dir, spec, forwarder)
+            code = run_grid(sweep_dir, spec, forwarder, env)
+        status = "FINISHED" if code == 0 else "FAILED"
+        return code
+    except Interrupted:
+        status = "KILLED"
+        raise
     finally:
+        if parent is not None:
+            from sweep.runner import CSV_NAME
+
+            parent.close(status, sweep_dir / CSV_NAME)
         if lock is not None:
             lock.release()
         forwarder.uninstall()
+
+
+def _mlflow_parent(sweep_dir: Path, spec: dict):
+    """The sweep's own MLflow run when its runs log to MLflow (trainer.loggers), else None: in the experiment
+    of the config's name, in the store of its save_dir (or MLFLOW_TRACKING_URI); the same run on resume."""
+    from sweep.runner import CONFIG_NAME, read_yaml
+
+    config = read_yaml(sweep_dir / CONFIG_NAME)
+    if "mlflow" not in config["trainer"].get("loggers", ()):
+        return None
+    from logger.mlflow_logger import SweepParent
+
+    root = Path(config["trainer"]["save_dir"])  # <save_dir>/<name> of the sweep's command (see _planned)
+    size = len(spec["runs"]) if spec["kind"] == "grid" else spec["search"]["trials"]
+    params = {"sweep.kind": spec["kind"], "sweep.keys": ",".join(spec["keys"]), "sweep.runs": size,
+              "sweep.nproc": spec.get("nproc"), "sweep.command": spec["command"]}
+    try:
+        return SweepParent(sweep_dir, root.parent, root.name, params)
+    except Exception as exc:  # noqa: BLE001 - a store that cannot be opened is the user's to fix
+        from logger.mlflow_logger import tracking_uri
+
+        raise UserError(f"trainer.loggers: mlflow: cannot log to {tracking_uri(root.parent)}: "
+                        f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
 
 
 def _resumed(args: argparse.Namespace) -> tuple[Path, dict]:
@@ -174,13 +210,14 @@ def _planned(args: argparse.Namespace) -> tuple[Path | None, dict]:
 def _validate(child: dict, combinations: list[dict[str, str]]) -> None:
     """Every run's config, before anything is written; each problem once, with the first run that has it."""
     from config import resolve_config
+    from logger.writers import check_loggers
     from sweep.spec import overrides_of
 
     problems: dict[str, str] = {}
     for values in combinations:
         overrides = overrides_of(values)
         try:
-            resolve_config(child, overrides, "config")
+            check_loggers(resolve_config(child, overrides, "config"))
         except ConfigError as exc:
             for problem in exc.problems:
                 problems.setdefault(problem.removeprefix("config: "), " ".join(overrides))

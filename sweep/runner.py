@@ -44,6 +44,13 @@ def write_yaml(path: Path, data) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
+def read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+
+
 def read_spec(sweep_dir: Path) -> dict:
     try:
         spec = yaml.safe_load((sweep_dir / SPEC_NAME).read_text(encoding="utf-8"))
@@ -234,7 +241,8 @@ def stopped(forwarder: Forwarder, sweep_dir: Path) -> Interrupted:
     return Interrupted(forwarder.signum, f"sweep stopped by {name}; resume: python train.py -r {sweep_dir}")
 
 
-def run_grid(sweep_dir: Path, spec: dict, forwarder: Forwarder) -> int:
+def run_grid(sweep_dir: Path, spec: dict, forwarder: Forwarder, env: dict | None = None) -> int:
+    """`env`: the runs' environment (None: this process's)."""
     records = read_rows(sweep_dir)
     rows = [row_from_csv(records.get(run["run_id"]), run, spec.get("monitor")) for run in spec["runs"]]
     write_rows(sweep_dir, spec["keys"], rows, spec.get("monitor"))
@@ -244,7 +252,7 @@ def run_grid(sweep_dir: Path, spec: dict, forwarder: Forwarder) -> int:
             continue
         if forwarder.signum is not None:
             raise stopped(forwarder, sweep_dir)
-        run_one(sweep_dir, spec, row, forwarder, rows, f"{index}/{total}")
+        run_one(sweep_dir, spec, row, forwarder, rows, f"{index}/{total}", env)
         if forwarder.signum is not None:
             raise stopped(forwarder, sweep_dir)
     return finish(sweep_dir, spec, rows)

@@ -72,7 +72,8 @@ def _text(value) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def run_search(sweep_dir: Path, spec: dict, forwarder: Forwarder) -> int:
+def run_search(sweep_dir: Path, spec: dict, forwarder: Forwarder, env: dict | None = None) -> int:
+    """`env`: the trials' environment (None: this process's), to which the study's names are added."""
     optuna = _optuna()
     from optuna.trial import TrialState
 
@@ -110,8 +111,8 @@ def run_search(sweep_dir: Path, spec: dict, forwarder: Forwarder) -> int:
         trial_id = trial_ids[row["run_id"]]
         frozen = study._storage.get_trial(trial_id)
         if PRUNED_ATTR not in frozen.user_attrs:  # else it was pruned, and the sweep killed before it was told
-            env = {**os.environ, ENV_STORAGE: storage, ENV_STUDY: STUDY_NAME, ENV_TRIAL: str(trial_id)}
-            run_one(sweep_dir, spec, row, forwarder, rows, f"trial {number + 1}/{search['trials']}", env=env)
+            trial_env = {**(env or os.environ), ENV_STORAGE: storage, ENV_STUDY: STUDY_NAME, ENV_TRIAL: str(trial_id)}
+            run_one(sweep_dir, spec, row, forwarder, rows, f"trial {number + 1}/{search['trials']}", env=trial_env)
             if row["status"] == "interrupted":
                 raise stopped(forwarder, sweep_dir)  # the trial stays RUNNING: the resume continues it
             frozen = study._storage.get_trial(trial_id)
