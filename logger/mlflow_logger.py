@@ -1,8 +1,8 @@
 """MLflow beside TensorBoard (`trainer.loggers: [..., mlflow]`): the same scalars, logged to a local
 tracking store (no server).
 
-The store is `MLFLOW_TRACKING_URI` when set, else the SQLite file `<save_dir>/mlflow.db` (artifacts in
-`<save_dir>/mlartifacts/`). The experiment is the config's `name`; a sweep's runs are children
+The store is `MLFLOW_TRACKING_URI` when set, else the SQLite file `<save_dir>/mlflow.db`; a SQLite store's
+artifacts go into `mlartifacts/` beside its file. The experiment is the config's `name`; a sweep's runs are children
 (`mlflow.parentRunId`) of the sweep's own run, in its experiment (`SweepParent`). One training run is one
 MLflow run across any number of resumes: its id and store are kept in `<run_dir>/mlflow_run_id`.
 
@@ -92,7 +92,7 @@ def _find_run(uri: str, run_id: str):
     return (client, run) if run.info.lifecycle_stage == "active" else (None, None)
 
 
-def _experiment_id(client, uri: str, name: str, save_dir: Path) -> str:
+def _experiment_id(client, uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -100,9 +100,10 @@ def _experiment_id(client, uri: str, name: str, save_dir: Path) -> str:
         if experiment.lifecycle_stage == "deleted":  # deleted in the UI: a new run there would be refused
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
-    # The default store keeps its artifacts beside it; any other store decides for itself.
-    location = (save_dir.resolve() / "mlartifacts").as_uri() if uri == tracking_uri(save_dir) and \
-        not os.environ.get("MLFLOW_TRACKING_URI") else None
+    # A SQLite store keeps the artifacts beside its file (MLflow's default would be ./mlruns of whatever the
+    # working directory is); a server decides for itself.
+    prefix = "sqlite:///"
+    location = (Path(uri[len(prefix):]).resolve().parent / "mlartifacts").as_uri() if uri.startswith(prefix) else None
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # another process created it meanwhile
@@ -145,7 +146,7 @@ def open_run(folder: Path, save_dir: Path, experiment: str, continuing: bool, pa
             experiment_id = parent_run.info.experiment_id
             tags = {**tags, "mlflow.parentRunId": parent}
     if experiment_id is None:
-        experiment_id = _experiment_id(client, uri, experiment, save_dir)
+        experiment_id = _experiment_id(client, uri, experiment)
     run_id = client.create_run(experiment_id, run_name=folder.name, tags=tags).info.run_id
     atomic_write(folder / RUN_ID_FILE, lambda handle: handle.write(f"{run_id}\n{uri}\n".encode()))
     items = [Param(key, str(value)[:6000]) for key, value in params.items()]

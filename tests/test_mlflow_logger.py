@@ -98,7 +98,9 @@ def test_the_store_is_mlflow_tracking_uri_and_a_fresh_start_replaces_a_run_witho
     reopened.close()
     assert not (tmp_path / "mlflow.db").exists()
     client = client_of(other)
-    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    experiment = client.get_experiment_by_name("digits")
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()  # beside the store, not ./mlruns
+    runs = client.search_runs([experiment.experiment_id])
     assert [(r.info.run_id, r.info.status) for r in runs] == [(fresh.run_id, "KILLED")]
     assert [(m.step, m.value) for m in client.get_metric_history(fresh.run_id, "loss/step")] == [(1, 1.0), (2, 2.0)]
 
