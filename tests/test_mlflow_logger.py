@@ -140,10 +140,11 @@ def csv_rows(run_dir) -> list[dict]:
 
 @pytest.mark.slow
 def test_train_py_killed_with_sigkill_and_resumed_is_one_mlflow_run_with_the_values_of_metrics_csv(tmp_path):
-    """A run with trainer.loggers [tensorboard, csv, mlflow], SIGKILLed once epoch 2's checkpoint exists,
-    then resumed with -r. Before the resume its last.pth is set back one epoch: that is what a kill after
-    the flush before a checkpoint and before the checkpoint itself leaves (the store ahead of the
-    checkpoint), here made certain, so the resumed session logs steps the store already has."""
+    """A run with trainer.loggers [tensorboard, csv, mlflow], SIGKILLed once epoch 3's checkpoint file exists
+    (so last.pth holds epoch 2 or later), then resumed with -r. Before the resume its last.pth is set back
+    to epoch 1: that is what a kill after the flush before a checkpoint and before the checkpoint itself
+    leaves (the store ahead of the checkpoint), here made certain, so the resumed session logs steps the
+    store already has."""
     save_dir = tmp_path / "saved"
     run_dir = save_dir / "digits" / "k"
     env = {**without_tracking_uri(), "PYTHONUNBUFFERED": "1"}
@@ -153,18 +154,17 @@ def test_train_py_killed_with_sigkill_and_resumed_is_one_mlflow_run_with_the_val
                              "trainer.loggers=[tensorboard,csv,mlflow]", *QUIET],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoints" / "epoch-2.pth").exists():
+    while not (run_dir / "checkpoints" / "epoch-3.pth").exists():  # written before last.pth links to it
         assert proc.poll() is None, proc.communicate()[0]
-        assert time.monotonic() < deadline, "no epoch-2 checkpoint"
+        assert time.monotonic() < deadline, "no epoch-3 checkpoint"
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == -signal.SIGKILL, out
     from checkpoint import load_checkpoint
 
-    epoch = load_checkpoint(run_dir / "checkpoints" / "last.pth")["epoch"]
-    assert 2 <= epoch < 5, out
-    shutil.copyfile(run_dir / "checkpoints" / f"epoch-{epoch - 1}.pth", tmp_path / "older.pth")
+    assert 2 <= load_checkpoint(run_dir / "checkpoints" / "last.pth")["epoch"] < 5, out
+    shutil.copyfile(run_dir / "checkpoints" / "epoch-1.pth", tmp_path / "older.pth")
     os.replace(tmp_path / "older.pth", run_dir / "checkpoints" / "last.pth")
     run_id = (run_dir / "mlflow_run_id").read_text().split()[0]
     client = client_of(f"sqlite:///{save_dir / 'mlflow.db'}")
@@ -189,7 +189,7 @@ def test_train_py_killed_with_sigkill_and_resumed_is_one_mlflow_run_with_the_val
     rows = csv_rows(run_dir)
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4, 5]
     steps = [int(row["step"]) for row in rows]
-    assert steps[epoch - 1] == ahead  # the store held the epoch the resume did again
+    assert ahead >= steps[1]  # the store held epochs the resume did again
     for column in rows[0]:
         if column in ("epoch", "step", "time", "epoch_seconds"):
             continue
