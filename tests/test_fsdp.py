@@ -185,10 +185,95 @@ def test_test_py_on_a_sharded_run_names_the_consolidate_command(single):
     assert "python -m checkpoint.consolidate" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def held_writes(monkeypatch):
+    """DCP's background writes wait for the returned event: what the test does before setting it happens
+    while the save is in flight, whatever the machine's speed."""
+    import threading
+
+    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+    release, original = threading.Event(), _FileSystemWriter.write_data
+
+    def write_data(self, *args, **kwargs):
+        assert release.wait(60), "the test never released the write"
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_FileSystemWriter, "write_data", write_data)
+    return release
+
+
+def sharded_trainer(tmp_path, optimizer: dict | None = None):
+    from test_tasks import blobs, build, make_config
+
+    config = make_config(tmp_path, [], strategy="fsdp")
+    if optimizer:
+        config["optimizer"] = optimizer
+    return build(config, blobs(16), run_dir=tmp_path / "run")
+
+
+def train_one_step(trainer) -> None:
+    trainer.optimizer.zero_grad()
+    trainer.model(torch.randn(8, 6)).square().mean().backward()
+    trainer.optimizer.step()
+
+
+def test_an_async_save_holds_the_state_of_its_step_not_what_training_does_next(tmp_path, monkeypatch):
+    from checkpoint.sharded import load_into, load_sharded_state
+
+    trainer = sharded_trainer(tmp_path, {"type": "Adam", "args": {"lr": 0.1}})  # state: tensors and a 0-dim step
+    train_one_step(trainer)
+    trainer.global_step = 5
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = {i: {k: v.clone() for k, v in s.items()} for i, s in trainer.optimizer.state_dict()["state"].items()}
+    release = held_writes(monkeypatch)
+    trainer.sharded_saver.save(trainer, ["last"], epoch_finished=False)
+    assert trainer.sharded_saver.pending and not list(trainer.checkpoint_dir.glob("step-5"))
+    train_one_step(trainer)  # training goes on while the files are being written
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(100.0)
+    release.set()
+    folder = trainer.wait_for_checkpoint()
+    assert folder.name == "step-5" and (trainer.checkpoint_dir / "last").read_text().strip() == "step-5"
+    fresh = sharded_trainer(tmp_path / "fresh", {"type": "Adam", "args": {"lr": 0.1}})
+    load_into(fresh.model, fresh.optimizer, load_sharded_state(folder)["sharded"])
+    for key, value in fresh.model.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=0)
+    for index, state in fresh.optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(value, moments[index][key], rtol=0, atol=0)
+
+
+def test_a_failed_async_save_is_raised_at_the_next_wait_and_the_previous_one_stays(tmp_path, monkeypatch):
+    import errno
+
+    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+    from errors import TrainingError
+
+    trainer = sharded_trainer(tmp_path)
+    trainer.global_step = 3
+    trainer.sharded_saver.save(trainer, ["last"], epoch_finished=False)
+    assert trainer.wait_for_checkpoint().name == "step-3"
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_FileSystemWriter, "write_data", full)
+    trainer.global_step = 6
+    trainer.sharded_saver.save(trainer, ["last"], epoch_finished=False)  # returns: the failure is in the background
+    with pytest.raises(TrainingError, match=r"could not write checkpoint .*step-6\.tmp-.*No space left on device; "
+                                            r"the previous checkpoints are intact"):
+        trainer.wait_for_checkpoint()
+    assert (trainer.checkpoint_dir / "last").read_text().strip() == "step-3"
+    assert trainer.wait_for_checkpoint() is None  # raised once
+
+
 @pytest.mark.slow
 def test_kill_9_during_saves_never_leaves_a_wrong_checkpoint(tmp_path):
-    """20 kills at random moments of a loop of saves (tests/workers/fsdp_save_loop.py): what a resume picks
-    always holds one step whole, and so does every other directory that passes verification."""
+    """20 kills at random moments of a loop of asynchronous saves (tests/workers/fsdp_save_loop.py), most of
+    them while a save is written in the background and the loop has already changed the weights: what a
+    resume picks always holds one step whole, and so does every other directory that passes verification."""
     proc = subprocess.run([PYTHON, str(ROOT / "tests" / "workers" / "fsdp_save_loop.py"), str(tmp_path), "20", "19"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, **ONE_THREAD})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -196,6 +281,7 @@ def test_kill_9_during_saves_never_leaves_a_wrong_checkpoint(tmp_path):
     assert len(results) == 20
     assert [r["wrong"] for r in results] == [[]] * 20, results
     assert sum(r["resumable"] is not None for r in results) >= 15, results
+    assert sum(r["in_flight"] for r in results) >= 8, results  # killed with a .tmp- directory not yet renamed
 
 
 # ---- torchrun, 2 processes (slow) ------------------------------------------------------------------------
@@ -306,3 +392,4 @@ def test_a_root_with_its_own_parameters_saves_after_validation(tmp_path):
                     "trainer.epochs=2", f"trainer.save_dir={tmp_path}", "trainer.tensorboard=false")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert len(list(tmp_path.glob("digits/*/checkpoints/epoch-2*"))) == 1
+
