@@ -57,10 +57,14 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD})
 
 
-def consolidated(source: Path, out: Path) -> dict:
-    proc = subprocess.run([PYTHON, "-m", "checkpoint.consolidate", str(source), str(out)], cwd=ROOT,
+def consolidate(source: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "checkpoint.consolidate", str(source), str(out), *options], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env={**os.environ, **ONE_THREAD})
-    ok(proc)
+
+
+def consolidated(source: Path, out: Path, which: str = "last") -> dict:
+    """The run's end (`last`) as one file, unless told otherwise."""
+    ok(consolidate(source, out, "--checkpoint", which))
     return torch.load(out, weights_only=True)
 
 
@@ -176,6 +180,57 @@ def test_consolidated_checkpoint_loads_in_test_py(single, tmp_path):
     assert state["config"]["trainer"]["strategy"] == "ddp"
     proc = ok(run_script("test.py", "-r", str(out), env=ONE_THREAD))
     assert "accuracy:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_consolidate_takes_the_checkpoint_named_best_by_default_and_says_which(single, tmp_path, capsys):
+    import shutil
+
+    from checkpoint.consolidate import main
+
+    run = tmp_path / "run"
+    shutil.copytree(single["run"], run)
+    checkpoints = run / "checkpoints"
+    shutil.copytree(checkpoints / "epoch-1", checkpoints / "step-7")  # a second complete checkpoint
+    (checkpoints / "last").write_text("step-7\n")  # best: epoch-1, last: step-7
+
+    def consolidate(*args) -> tuple[int, str]:  # in this process: the command's main, its output
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DCP's "assuming the intent is to load in a single process"
+            status = main([str(arg) for arg in args])
+        out, err = capsys.readouterr()
+        return status, out + err
+
+    def one_line(result: tuple[int, str], status: int) -> str:
+        assert result[0] == status, result[1]
+        lines = result[1].strip().splitlines()
+        assert len(lines) == 1, result[1]
+        return lines[0]
+
+    line = one_line(consolidate(run, tmp_path / "a.pth"), 0)  # as test.py: best first
+    assert line.startswith(f"consolidated {checkpoints / 'epoch-1'} (`best`; epoch 1 end, step 19) into "), line
+    line = one_line(consolidate(checkpoints, tmp_path / "b.pth", "--checkpoint", "last"), 0)
+    assert line.startswith(f"consolidated {checkpoints / 'step-7'} (`last`; "), line
+    line = one_line(consolidate(checkpoints / "step-7", tmp_path / "c.pth"), 0)
+    assert line.startswith(f"consolidated {checkpoints / 'step-7'} (the directory named; "), line
+
+    line = one_line(consolidate(run, tmp_path / "d.pth", "--checkpoint", "epoch-9"), 2)
+    assert line == f"error: {checkpoints / 'epoch-9'}: no such checkpoint in this run (it has: last, best, " \
+                   f"epoch-1, step-7)"
+    data = bytearray((checkpoints / "step-7" / "__0_0.distcp").read_bytes())
+    data[len(data) // 2] ^= 1
+    (checkpoints / "step-7" / "__0_0.distcp").write_bytes(bytes(data))
+    line = one_line(consolidate(run, tmp_path / "e.pth", "--checkpoint", "last"), 2)  # never another one instead
+    assert "step-7" in line and "checksum mismatch" in line, line
+    (checkpoints / "best").unlink()  # a run without monitoring: last, and said so
+    line = one_line(consolidate(run, tmp_path / "f.pth", "--checkpoint", "best"), 2)
+    assert line == f"error: {checkpoints / 'best'}: no such pointer in this run (it has: last, epoch-1, step-7)"
+    (checkpoints / "last").write_text("epoch-1\n")
+    line = one_line(consolidate(run, tmp_path / "g.pth"), 0)
+    assert line.startswith(f"consolidated {checkpoints / 'epoch-1'} (`last`: the run has no `best`; "), line
+    assert not any((tmp_path / f"{x}.pth").exists() for x in "def")
 
 
 @pytest.mark.slow
