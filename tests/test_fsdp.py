@@ -448,3 +448,17 @@ def test_a_root_with_its_own_parameters_saves_after_validation(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert len(list(tmp_path.glob("digits/*/checkpoints/epoch-2*"))) == 1
 
+
+@pytest.mark.slow
+@needs_torchrun
+def test_bf16_mixed_precision_trains_a_model_with_batchnorm(tmp_path):
+    """FSDP2 casts a unit's parameters to param_dtype but not its buffers: a BatchNorm's bfloat16 weight met
+    its float32 running statistics and the first step failed ("expected scalar type BFloat16 but found
+    Float"), after a sanity pass that ran before sharding. Each BatchNorm is now a float32 unit."""
+    proc = torchrun("-c", str(ROOT / "configs" / "digits.yaml"), "trainer.strategy=fsdp", "trainer.fsdp.wrap=[Conv2d]",
+                    "trainer.fsdp.mixed_precision={param_dtype: bfloat16, reduce_dtype: float32}", "trainer.epochs=1",
+                    f"trainer.save_dir={tmp_path}", "trainer.tensorboard=false", "--run-id", "bf16")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    state = consolidated(tmp_path / "digits" / "bf16", tmp_path / "bf16.pth")
+    assert state["state_dict"]["features.1.running_var"].dtype == torch.float32
+    assert state["metrics"]["val_accuracy"] > 0.5  # it learned, in bfloat16, from 10% (chance)
