@@ -453,8 +453,8 @@ def _ended(exc: BaseException, trainer, resume_command: str) -> BaseException:
     # TensorBoard's HParams: failed runs must not look finished (train() records its own ends; this covers
     # a failure before it, in the resume).
     trainer.writer.record_status("interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed")
-    last = trainer.checkpoint_dir / "last.pth" if trainer.checkpoint_dir is not None else None
-    saved = last is not None and last.exists()
+    saved = trainer.checkpoint_dir is not None and any((trainer.checkpoint_dir / name).exists()
+                                                       for name in ("last.pth", "last"))  # "last": sharded
     where = f"epoch {trainer.epoch}, after step {trainer.global_step}"
     if isinstance(exc, Interrupted):
         name = signal.Signals(exc.signum).name if exc.signum in set(signal.Signals) else f"signal {exc.signum}"

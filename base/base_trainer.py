@@ -16,9 +16,9 @@ import torch
 
 from checkpoint import (CHECKPOINT_FORMAT, capture_rng, link_checkpoint, load_model_state, restore_rng,
                         save_checkpoint, unwrap_model)
-from checkpoint.sharded import load_into as load_sharded_into, save_sharded
+from checkpoint.sharded import ShardedSaver, load_into as load_sharded_into
 from data_loader.sampler import mix_seed
-from errors import Interrupted
+from errors import Interrupted, TrainingError
 from logger import NullWriter, get_logger
 from logger.console import epoch_lines, number
 from logger.epoch_log import CsvLogger, EpochLogger, EpochRecord
@@ -45,6 +45,8 @@ class BaseTrainer(metaclass=ABCMeta):
         self.save_period, self.keep_last = cfg["save_period"], cfg["keep_last"]
         self.early_stop = cfg["early_stop"]
         self.sharded_checkpoints = cfg.get("strategy") == "fsdp"  # checkpoint/sharded.py: directories, via DCP
+        # Sharded saves finish in the background: wait_for_checkpoint() before anything that needs them on disk.
+        self.sharded_saver = ShardedSaver() if self.sharded_checkpoints else None
         self.verbosity = cfg["verbosity"]
         if cfg["monitor"] == "off":
             self.monitor_mode, self.monitor_metric = "off", None
@@ -124,6 +126,7 @@ class BaseTrainer(metaclass=ABCMeta):
                 self._save_epoch(epoch, improved)
                 epochs_run += 1
                 if self._stop_requested():
+                    self.wait_for_checkpoint()  # the resume point is on disk before the run says so
                     if self.stop_signal is not None:
                         self.stop_signal.finish()  # saved: a further signal has nothing left to stop
                     raise Interrupted(self.stop_signal.signum, f"stopped by signal at epoch {epoch} end; "
@@ -136,11 +139,13 @@ class BaseTrainer(metaclass=ABCMeta):
                                      f"{self.early_stop} epoch{'s' if self.early_stop != 1 else ''}")
                     early_stopped = True
                     break
+            self.wait_for_checkpoint()  # the last checkpoint is on disk before the run counts as finished
             status = "early-stopped" if early_stopped else "finished"
         except (Interrupted, KeyboardInterrupt):
             status = "interrupted"
             raise
         finally:
+            self._finish_pending_save()  # (a further Ctrl-C interrupts the wait; the save is atomic all the same)
             self._hook("on_train_end")
             self._end_epoch_logs(status)
             self.writer.flush()
@@ -261,6 +266,19 @@ class BaseTrainer(metaclass=ABCMeta):
             "metrics": dict(self.last_metrics),
         }
 
+    def wait_for_checkpoint(self) -> Path | None:
+        """A sharded save finishes in the background: block until its directory and pointers are on disk (a
+        no-op otherwise). Raises TrainingError on every rank when that save failed."""
+        return self.sharded_saver.wait() if self.sharded_saver is not None else None
+
+    def _finish_pending_save(self) -> None:
+        """However the loop ended: a save still in progress (of a state that passed the checks) is finished;
+        after a failure its own failure is a warning, the run's error being the one to report."""
+        try:
+            self.wait_for_checkpoint()
+        except TrainingError as exc:
+            self.logger.warning(f"warning: {exc}")
+
     def _write(self, state: dict, name: str) -> Path | None:
         if not self.dist.is_main or self.checkpoint_dir is None:
             return None
@@ -273,7 +291,7 @@ class BaseTrainer(metaclass=ABCMeta):
 
     def save_mid_epoch(self) -> None:
         if self.sharded_checkpoints:
-            save_sharded(self, ["last"], epoch_finished=False)
+            self.sharded_saver.save(self, ["last"], epoch_finished=False)
             return
         self._write(self.checkpoint_state(epoch_finished=False), "last.pth")
 
@@ -281,8 +299,9 @@ class BaseTrainer(metaclass=ABCMeta):
         # last.pth is named last: until it says the epoch ended, a resume redoes the epoch's end and
         # rewrites epoch-N/best, so a kill between the names never leaves those stale.
         if self.sharded_checkpoints:  # one directory epoch-<N>; kept as keep_last says, or while a pointer names it
-            if save_sharded(self, ["best", "last"] if improved else ["last"], epoch_finished=True) and improved:
-                self.logger.info(f"saved best checkpoint ({self.monitor_metric} {self.monitor_best:.4f})")
+            message = f"saved best checkpoint ({self.monitor_metric} {self.monitor_best:.4f})" if improved else None
+            self.sharded_saver.save(self, ["best", "last"] if improved else ["last"], epoch_finished=True,
+                                    message=message)
             return
         names = [f"epoch-{epoch}.pth"] if self.save_period and epoch % self.save_period == 0 else []
         names += ["best.pth"] if improved else []

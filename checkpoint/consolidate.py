@@ -1,9 +1,12 @@
-"""python -m checkpoint.consolidate SHARDED_DIR OUT.pth: one plain-dict checkpoint from a sharded one.
+"""python -m checkpoint.consolidate SOURCE OUT.pth [--checkpoint NAME]: one plain-dict checkpoint from a sharded one.
 
-SHARDED_DIR is a checkpoint directory (checkpoints/step-<N>/ or epoch-<N>/), a checkpoints/ folder or a run
-directory (then the checkpoint `last` names). It is verified as a resume verifies it; the output is the file
-a DDP run writes (checkpoint.io.save_checkpoint: plain data, CRC-checked), which test.py, predict.py,
-arch.pretrained and `train.py -r` with trainer.strategy ddp read. Runs in one process, without torchrun.
+SOURCE is a checkpoint directory (checkpoints/step-<N>/ or epoch-<N>/), or a run directory or its checkpoints/
+folder; of a run, `--checkpoint` names the one: `best` (the default, as test.py picks best.pth; `last` when the
+run has no best, with monitoring off), `last`, or a directory such as `epoch-3`. The checkpoint is verified
+as a resume verifies it, and never swapped for another: a missing or damaged one is an error. The output is
+the file a DDP run writes (checkpoint.io.save_checkpoint: plain data, CRC-checked), which test.py,
+predict.py, arch.pretrained and `train.py -r` with trainer.strategy ddp read. Runs in one process, without
+torchrun.
 """
 from __future__ import annotations
 
@@ -11,17 +14,55 @@ import argparse
 import sys
 from pathlib import Path
 
-from errors import UserError
+from errors import CheckpointError, TrainingError, UserError
 
 
-def consolidate(source: Path, out: Path) -> Path:
+def choose(source: Path, name: str | None) -> tuple[Path, str]:
+    """(the checkpoint directory to consolidate, how it was chosen) for SOURCE and --checkpoint."""
+    from checkpoint.sharded import CHECKPOINT_NAME, POINTERS, is_checkpoint_dir, is_sharded_run, read_pointer
+    from runtime.run_dir import locate_checkpoint
+
+    if is_checkpoint_dir(source):
+        if name is not None:
+            raise UserError(f"--checkpoint {name}: {source} is a checkpoint directory itself; --checkpoint picks one "
+                            f"of a run directory")
+        return source, "the directory named"
+    folder, _ = locate_checkpoint(str(source))
+    if not folder.is_dir() or not is_sharded_run(folder):
+        raise UserError(f"{source}: holds no sharded checkpoint (trainer.strategy fsdp): its .pth files are single "
+                        f"files already, for test.py and predict.py as they are")
+    if name is None:  # as test.py: best, else last (a run without monitoring has no best)
+        name = "best" if (folder / "best").is_file() else "last"
+        how = f"`{name}`" + ("" if name == "best" else ": the run has no `best`")
+    else:
+        how = f"`{name}`"
+    if name in POINTERS:
+        target = read_pointer(folder, name)
+        if target is None:
+            raise CheckpointError(f"{folder / name}: no such pointer in this run (it has: {_listing(folder)})")
+        return target, how
+    if not CHECKPOINT_NAME.fullmatch(name):
+        raise UserError(f"--checkpoint {name}: not a checkpoint name (best, last, or a directory such as epoch-3)")
+    if not (folder / name).is_dir():
+        raise CheckpointError(f"{folder / name}: no such checkpoint in this run (it has: {_listing(folder)})")
+    return folder / name, how
+
+
+def _listing(folder: Path) -> str:
+    from checkpoint.sharded import POINTERS, _named_dirs
+
+    names = [p for p in POINTERS if (folder / p).is_file()] + sorted(p.name for p in _named_dirs(folder) if p.is_dir())
+    return ", ".join(names) or "nothing"
+
+
+def consolidate(folder: Path, out: Path) -> tuple[Path, dict]:
+    """Verify the checkpoint directory `folder` and write it as one file at `out`; (out, the run state)."""
     import torch
 
     from checkpoint.io import save_checkpoint
-    from checkpoint.sharded import find_sharded, read_full
+    from checkpoint.sharded import load_sharded_state, read_full
 
-    folder = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-    folder, state, _ = find_sharded(folder)
+    state = load_sharded_state(folder)
     full = read_full(folder)
     model_state, optim = full["model"], full["optim"]
     # DCP keys the optimizer state by parameter name; optimizer.state_dict() numbers the parameters in the
@@ -39,22 +80,26 @@ def consolidate(source: Path, out: Path) -> Path:
     config["trainer"] = {**config["trainer"], "strategy": "ddp"}
     state.update(config=config, optimizer=optimizer,
                  state_dict={k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in model_state.items()})
-    return save_checkpoint(state, out)
+    return save_checkpoint(state, out), state
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m checkpoint.consolidate", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="a sharded checkpoint directory, checkpoints/ folder or run directory")
+    parser.add_argument("source", help="a sharded checkpoint directory, or a run directory or its checkpoints/ folder")
     parser.add_argument("out", help="the .pth file to write")
+    parser.add_argument("--checkpoint", metavar="NAME", help="of a run: best (default; last if the run has no best), "
+                                                             "last, or a directory such as epoch-3")
     args = parser.parse_args(argv)
     try:
         if not Path(args.source).exists():
             raise UserError(f"{args.source}: no such file or directory")
-        path = consolidate(Path(args.source), Path(args.out))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
+        folder, how = choose(Path(args.source), args.checkpoint)
+        path, state = consolidate(folder, Path(args.out))
+    except (UserError, TrainingError) as exc:  # TrainingError: OUT could not be written (exit 1)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exc.exit_code
+    where = "end" if state["epoch_finished"] else f"batch {state['batch_in_epoch']}"
+    print(f"consolidated {folder} ({how}; epoch {state['epoch']} {where}, step {state['global_step']}) into {path}")
     return 0
 
 

@@ -8,6 +8,7 @@ with mmap=True (no second read). The checksum costs nothing extra to write: torc
 """
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import pickle
@@ -66,6 +67,14 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
         outcome = "the previous file is intact" if existed else "no checkpoint was written"
         raise TrainingError(f"could not write checkpoint {path}: {_reason(exc)}; {outcome}") from None
     return path
+
+
+def checkpoint_bytes(state: dict) -> bytes:
+    """The bytes save_checkpoint writes for `state`, made now: changes to `state` afterwards do not reach them."""
+    _check_plain(state)
+    buffer = io.BytesIO()
+    _torch_save(state, buffer)
+    return buffer.getvalue()
 
 
 def _torch_save(state: dict, handle) -> None:

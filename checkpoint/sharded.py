@@ -10,10 +10,11 @@ DCP alone overwrites shards in place, stores no checksums and reads `.metadata` 
       epoch-3/
       last  best                pointer files: one line naming a checkpoint directory
 
-A save writes into a new `<name>.tmp-<32 hex>/`; every rank's files are fsynced (DCP's sync_files); after a
-barrier rank 0 writes trainer.pth and the manifest, fsyncs, renames the directory to its name and fsyncs
-checkpoints/, and only then moves the pointers (atomic text files). A kill at any moment leaves the previous
-pointers naming complete directories; a `.tmp-` directory is never read, and the next save sweeps it.
+A save writes into a new `<name>.tmp-<32 hex>/`, in the background (ShardedSaver: training goes on once DCP has
+copied the state to CPU memory); every rank's files are fsynced (DCP's sync_files) and hashed by that rank;
+after the ranks meet, rank 0 writes trainer.pth and the manifest, fsyncs, renames the directory to its name
+and fsyncs checkpoints/, and only then moves the pointers (atomic text files). A kill at any moment leaves the
+previous pointers naming complete directories; a `.tmp-` directory is never read, and the next save sweeps it.
 
 A load verifies the manifest (its own checksum, then every listed file's size and SHA-256, and no file
 missing) before anything else is read; `.metadata` is then unpickled from those verified bytes by an
@@ -28,6 +29,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -78,62 +80,150 @@ def read_pointer(checkpoints: Path, name: str) -> Path | None:
 
 
 # ---- saving (a collective call: every rank) ------------------------------------------------------------
-def save_sharded(trainer, names: list[str], epoch_finished: bool) -> Path | None:
-    """Save the trainer's state as a new checkpoint directory and point `names` (of "best", "last") at it;
-    "epoch-<N>" directories are kept as `trainer.keep_last` says. Every rank calls this."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+class ShardedSaver:
+    """Sharded saves that finish in the background, one at a time; a trainer holds one.
 
-    from checkpoint.io import save_checkpoint
-    from checkpoint.state import unwrap_model
-    from runtime.distributed import broadcast_object
+    `save` stalls training for what must be a snapshot only: the run state (serialised at once) and DCP's
+    async_save, which copies every tensor to new CPU memory before it returns, so training may change the
+    weights and the optimizer state meanwhile. A thread of each rank then waits for DCP's files, fsyncs and
+    hashes its own, and the ranks meet; rank 0 writes trainer.pth and the manifest, renames the directory
+    into place and only then moves the pointers and prunes, exactly as a synchronous save would. A kill at
+    any moment thus leaves the previous pointers, or the new ones naming a complete directory.
 
-    state = trainer.checkpoint_state(epoch_finished)  # collective: per-rank RNG, the NaN guard
-    del state["optimizer"]  # the weights and the optimizer state go through DCP, sharded
-    state["state_dict"] = {}
-    state["sharded"] = True
-    model_state, optim_state = get_state_dict(unwrap_model(trainer.model), trainer.optimizer)
-    folder, main = trainer.checkpoint_dir, trainer.dist.is_main
-    if folder is None:
-        return None
-    base = f"epoch-{trainer.epoch}" if epoch_finished else f"step-{trainer.global_step}"
-    temp = None
-    if main:
-        trainer.writer.flush()  # as for .pth checkpoints: what is logged up to the step is on disk first
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in sweep_temporary_dirs(folder):
-            trainer.logger.info(f"removed {stale.name} left by an interrupted save")
-        temp = folder / f"{base}.tmp-{uuid.uuid4().hex}"
-        temp.mkdir()
-    temp = Path(broadcast_object(str(temp) if temp else None))
-    try:
-        # sync_files: each rank fsyncs its own shard files before DCP's final collective.
-        dcp.save({"model": model_state, "optim": optim_state},
-                 storage_writer=dcp.FileSystemWriter(temp, sync_files=True, single_file_per_rank=True))
-    except Exception as exc:  # noqa: BLE001 - a full disk or an unwritable folder, on any rank
-        raise TrainingError(f"could not write checkpoint {temp}: {exc}; the previous checkpoints are intact") from None
-    # Each rank hashes the shard files it wrote (DCP names them __<rank>_<i>.distcp), in parallel.
-    hashed = _describe_files(temp, lambda name: name.startswith(f"__{trainer.dist.rank}_"))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        parts = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, hashed)  # also the barrier: every rank's files are fsynced
-        hashed = {name: entry for part in parts for name, entry in part.items()}
-    problem, final = None, None
-    if main:
+    The threads use two gloo groups of their own, made at the first save: DCP's async_save on the training
+    group aborts gloo ranks (its thread and training would issue collectives on one group in no fixed
+    order), and no background thread may touch the training group. DCP's thread uses the first; ours, after
+    DCP's future has resolved on its rank, the second. `wait` joins the thread (before the next save, at the
+    end of training, on a stop signal) and raises the save's failure on every rank alike."""
+
+    def __init__(self):
+        self._groups = None  # (DCP's group, ours): gloo, over every rank
+        self._thread: threading.Thread | None = None
+        self._outcome: tuple[Path | None, str | None] = (None, None)  # (the directory, or why there is none)
+
+    @property
+    def pending(self) -> bool:
+        return self._thread is not None
+
+    def save(self, trainer, names: list[str], epoch_finished: bool, message: str | None = None) -> None:
+        """Start saving the trainer's state as a new checkpoint directory and point `names` (of "best", "last")
+        at it once complete; "epoch-<N>" directories are kept as `trainer.keep_last` says. `message` is logged
+        when the save is complete. Every rank calls this."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from checkpoint.io import checkpoint_bytes
+        from checkpoint.state import unwrap_model
+        from runtime.distributed import broadcast_object
+
+        self.wait()  # one save at a time: the previous one is complete (or its failure raised) first
+        state = trainer.checkpoint_state(epoch_finished)  # collective: per-rank RNG, the NaN guard
+        del state["optimizer"]  # the weights and the optimizer state go through DCP, sharded
+        state["state_dict"] = {}
+        state["sharded"] = True
+        model_state, optim_state = get_state_dict(unwrap_model(trainer.model), trainer.optimizer)
+        folder, main = trainer.checkpoint_dir, trainer.dist.is_main
+        if folder is None:
+            return
+        base = f"epoch-{trainer.epoch}" if epoch_finished else f"step-{trainer.global_step}"
+        temp = None
+        if main:
+            trainer.writer.flush()  # as for .pth checkpoints: what is logged up to the step is on disk first
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in sweep_temporary_dirs(folder):
+                trainer.logger.info(f"removed {stale.name} left by an interrupted save")
+            temp = folder / f"{base}.tmp-{uuid.uuid4().hex}"
+            temp.mkdir()
+        temp = Path(broadcast_object(str(temp) if temp else None))
+        run_state = checkpoint_bytes(state) if main else b""  # the counters, RNG states... as of this step
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed and self._groups is None:
+            self._groups = (dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
         try:
-            save_checkpoint(state, temp / TRAINER_FILE)
-            final = _publish(temp, folder, base, hashed)
-            for name in ("best", "last"):  # best first: `last` names the newest complete save
-                if name in names:
-                    atomic_write(folder / name, lambda h: h.write(f"{final.name}\n".encode()))
-            _prune(folder, trainer.keep_last, trainer.save_period)
-            trainer.logger.debug(f"saved {final}")
-        except (OSError, TrainingError) as exc:
-            problem = f"could not write checkpoint {final or temp}: {exc}; the previous checkpoints are intact"
-    problem = broadcast_object(problem)
-    if problem:
-        raise TrainingError(problem)
-    return final
+            # sync_files: each rank fsyncs its own shard files before DCP's final collective.
+            future = dcp.async_save({"model": model_state, "optim": optim_state},
+                                    storage_writer=dcp.FileSystemWriter(temp, sync_files=True,
+                                                                        single_file_per_rank=True),
+                                    process_group=self._groups[0] if distributed else None)
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - staging to CPU memory failed (out of memory)
+            raise TrainingError(f"could not write checkpoint {temp}: {_reason(exc)}; "
+                                f"the previous checkpoints are intact") from None
+        job = {"future": future, "temp": temp, "folder": folder, "base": base, "names": list(names),
+               "run_state": run_state, "rank": trainer.dist.rank, "main": main, "keep_last": trainer.keep_last,
+               "save_period": trainer.save_period, "logger": trainer.logger, "message": message}
+        self._outcome = (None, None)
+        self._thread = threading.Thread(target=self._finish, args=(job,), name="sharded-save")
+        self._thread.start()
+
+    def wait(self) -> Path | None:
+        """Block until the pending save is complete; its directory, or None (nothing pending, no directory).
+        Raises TrainingError, on every rank, when it failed: the previous checkpoints are then intact."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread = None
+        final, problem = self._outcome
+        if problem:
+            raise TrainingError(problem)
+        return final
+
+    def _finish(self, job: dict) -> None:
+        """The background part, in a thread of each rank; every rank takes part in both collectives, whatever
+        failed, so that none waits for another forever."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        temp, problem, hashed, final = job["temp"], None, {}, None
+        try:
+            job["future"].result()  # DCP's files are written and fsynced (sync_files), .metadata last
+            # Each rank hashes the shard files it wrote (DCP names them __<rank>_<i>.distcp), in parallel.
+            hashed = _describe_files(temp, lambda name: name.startswith(f"__{job['rank']}_"))
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a full disk, an unwritable folder, any rank
+            problem = f"could not write checkpoint {temp}: {_reason(exc)}; the previous checkpoints are intact"
+        group = self._groups[1] if self._groups is not None else None
+        if group is not None:
+            parts = [None] * dist.get_world_size(group)
+            try:
+                dist.all_gather_object(parts, (hashed, problem), group=group)  # also the barrier: all fsynced
+            except Exception as exc:  # noqa: BLE001 - another rank died: nothing is published
+                self._outcome = (None, f"could not write checkpoint {temp}: {_reason(exc)}; "
+                                       f"the previous checkpoints are intact")
+                return
+            problem = next((p for _, p in parts if p), None)
+            hashed = {name: entry for part, _ in parts for name, entry in part.items()}
+        if job["main"] and problem is None:
+            try:
+                atomic_write(temp / TRAINER_FILE, lambda handle: handle.write(job["run_state"]))
+                final = _publish(temp, job["folder"], job["base"], hashed)
+                for name in ("best", "last"):  # best first: `last` names the newest complete save
+                    if name in job["names"]:
+                        atomic_write(job["folder"] / name, lambda h: h.write(f"{final.name}\n".encode()))
+                _prune(job["folder"], job["keep_last"], job["save_period"])
+                job["logger"].debug(f"saved {final}")
+                if job["message"]:
+                    job["logger"].info(job["message"])
+            except Exception as exc:  # noqa: BLE001 - an I/O error; the other ranks must hear of it either way
+                problem = (f"could not write checkpoint {final or temp}: {_reason(exc)}; "
+                           f"the previous checkpoints are intact")
+        if group is not None:
+            box = [(problem, str(final) if final else None)]
+            try:
+                dist.broadcast_object_list(box, src=0, group=group)
+                problem, final = box[0][0], Path(box[0][1]) if box[0][1] else None
+            except Exception as exc:  # noqa: BLE001 - rank 0 died: whether it published, a resume finds out
+                problem = problem or f"could not learn whether checkpoint {temp} was published: {_reason(exc)}"
+        self._outcome = (final, problem)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line of an error of DCP's (whose CheckpointException lists every rank's traceback) or of I/O."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    found = [line for line in lines if re.match(r"\w*(Error|Exception)\b", line)]
+    return " ".join((found[-1:] or lines[:1] or [type(exc).__name__])[0].split())[:300]
 
 
 def _describe_files(folder: Path, which) -> dict:

@@ -142,7 +142,8 @@ SCHEMA: dict[str, Key] = {
             "wrap": Key("list", "module class names (e.g. Block): each module of these classes is sharded as one "
                                 "unit (its parameters gathered together), then the root module", [], item="str"),
             "mixed_precision": Key("section", "FSDP2's MixedPrecisionPolicy: compute in param_dtype, reduce "
-                                              "gradients in reduce_dtype (the sharded parameters stay float32)",
+                                              "gradients in reduce_dtype (the sharded parameters stay float32; "
+                                              "BatchNorm layers compute in float32)",
                                    None, nullable=True, keys={
                                        "param_dtype": Key("str", "dtype of the gathered parameters", "bfloat16",
                                                           choices=FSDP_DTYPES),

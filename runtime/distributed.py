@@ -123,22 +123,32 @@ def check_fsdp_config(cfg: dict, model: nn.Module, device: torch.device, resume_
 
 
 def shard_model(model: nn.Module, fsdp: dict, device: torch.device) -> nn.Module:
-    """FSDP2: fully_shard on each module whose class is named in `fsdp["wrap"]` (innermost first), then on
-    the root. The model stays the same object (its class becomes an FSDP subclass; its parameters DTensors
-    holding this rank's shard), so checkpoints keep the plain module's key names."""
+    """FSDP2: fully_shard on each module whose class is named in `fsdp["wrap"]` (innermost first; with mixed
+    precision also each BatchNorm, kept in float32), then on the root. The model stays the same object (its
+    class becomes an FSDP subclass; its parameters DTensors holding this rank's shard), so checkpoints keep
+    the plain module's key names."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     options = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if fsdp["cpu_offload"] else OffloadPolicy()}
+    norms, norm_options = set(), options
     if fsdp["mixed_precision"] is not None:
         dtypes = {key: getattr(torch, value) for key, value in fsdp["mixed_precision"].items()}
-        options["mp_policy"] = MixedPrecisionPolicy(**dtypes)
+        options = {**options, "mp_policy": MixedPrecisionPolicy(**dtypes)}
+        # BatchNorm in float32, as FSDP1's MixedPrecision did by default: FSDP2 casts a unit's parameters to
+        # param_dtype but never its buffers, and batch_norm refuses a bfloat16 weight with float32 running
+        # statistics ("expected scalar type BFloat16 but found Float", at the first step). Each BatchNorm is
+        # a unit of its own that gathers in float32, takes its input in float32 and hands param_dtype on.
+        norms = {id(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        norm_options = {**options, "mp_policy": MixedPrecisionPolicy(
+            param_dtype=torch.float32, reduce_dtype=dtypes["reduce_dtype"], output_dtype=dtypes["param_dtype"])}
     wrap = set(fsdp["wrap"])
     # Deepest first: fully_shard on a parent takes the parameters its sharded children do not hold.
-    units = [module for module in model.modules() if type(module).__name__ in wrap and module is not model]
+    units = [module for module in model.modules()
+             if (type(module).__name__ in wrap or id(module) in norms) and module is not model]
     for module in reversed(units):
-        fully_shard(module, **options)
+        fully_shard(module, **(norm_options if id(module) in norms else options))
     fully_shard(model, **options)
     return model
 

@@ -340,6 +340,7 @@ class Trainer(BaseTrainer):
     def _stop_now(self, epoch: int) -> None:
         """A signal reached a rank: save this step on every rank alike, then exit 128 + signal."""
         self.save_mid_epoch()
+        self.wait_for_checkpoint()  # a sharded save completes in the background: the resume point is on disk
         self.stop_signal.finish()  # saved: a further signal has nothing left to stop (and no traceback)
         raise Interrupted(self.stop_signal.signum,
                           f"stopped by signal at epoch {epoch}, step {self.global_step}; checkpoint saved")

@@ -1,10 +1,13 @@
 """Run by tests/test_fsdp.py: kill -9 at random moments during sharded saves, and check what is left.
 
 For each trial a forked child saves sharded checkpoints in a loop (one process, DCP without a process group)
-until the parent kills it with SIGKILL after a random delay. Before the save of step s every parameter holds
-s and global_step is s, so a checkpoint that loads must hold one value throughout, equal to its step. The
-parent then checks what a resume would pick (`last`, else the newest valid directory) and every other
-complete directory; it writes one result per trial to <out>/results.json."""
+until the parent kills it with SIGKILL after a random delay. Saves are asynchronous (ShardedSaver): while
+one is written, hashed, renamed and pointed at in the background, the loop already sets the parameters to
+the next step, then waits for it before the next save. Before the save of step s every parameter holds s and
+global_step is s, so a checkpoint that loads must hold one value throughout, equal to its step (a save that
+wrote the parameters after the loop changed them would hold s + 1). The parent then checks what a resume
+would pick (`last`, else the newest valid directory) and every other complete directory, and whether a
+save was in flight (a `.tmp-` directory left); it writes one result per trial to <out>/results.json."""
 from __future__ import annotations
 
 import json
@@ -21,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from checkpoint.sharded import _named_dirs, find_sharded, load_into, load_sharded_state, save_sharded  # noqa: E402
+from checkpoint.sharded import TEMP_DIR, _named_dirs, find_sharded, load_into, load_sharded_state  # noqa: E402
 from errors import CheckpointError  # noqa: E402
 from test_tasks import blobs, build, make_config  # noqa: E402
 
 
 def model() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 2048), nn.ReLU(), nn.Linear(2048, 3))
+    return nn.Sequential(nn.Linear(6, 2048), nn.ReLU(), nn.Linear(2048, 256), nn.ReLU(), nn.Linear(256, 3))
 
 
 def save_forever(trainer) -> None:
@@ -38,7 +41,9 @@ def save_forever(trainer) -> None:
             for p in trainer.model.parameters():
                 p.fill_(float(step))
         trainer.global_step, trainer.epoch = step, step
-        save_sharded(trainer, ["best", "last"] if step % 3 == 0 else ["last"], epoch_finished=step % 2 == 0)
+        # Returns once the state is copied; the next loop's fill_ runs while the files are written.
+        trainer.sharded_saver.save(trainer, ["best", "last"] if step % 3 == 0 else ["last"],
+                                   epoch_finished=step % 2 == 0)
 
 
 def holds_its_step(state: dict) -> bool:
@@ -48,7 +53,8 @@ def holds_its_step(state: dict) -> bool:
 
 
 def check(checkpoints: Path) -> dict:
-    result = {"resumable": None, "wrong": [], "refused": 0}
+    result = {"resumable": None, "wrong": [], "refused": 0,
+              "in_flight": checkpoints.is_dir() and any(TEMP_DIR.fullmatch(n) for n in os.listdir(checkpoints))}
     if not (checkpoints / "last").exists():
         return result  # killed before the first save was complete: the run has nothing to resume
     try:
