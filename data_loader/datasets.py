@@ -23,6 +23,30 @@ class StackedBatch(tuple):
     """
 
 
+def _bundled_digits():
+    """(pixels (1797, 64) float64, labels (1797,)) exactly as `sklearn.datasets.load_digits` gives them.
+
+    The file scikit-learn ships is read directly: importing `sklearn.datasets` (SciPy with it) costs
+    about 1.5 s of CPU at every start, several times the rest of a small run's data work. Where the file
+    is not at its usual place (another scikit-learn layout), load_digits reads it.
+    """
+    import gzip
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.data, digits.target
+    with gzip.open(path, "rt") as handle:
+        data = np.loadtxt(handle, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(int)
+
+
 class DigitsDataset(Dataset):
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, pixel values 0..16; no download).
 
@@ -33,11 +57,9 @@ class DigitsDataset(Dataset):
     TEST_SIZE = 360
 
     def __init__(self, train: bool = True, transform: Callable | None = None):
-        from sklearn.datasets import load_digits  # imported here: scikit-learn takes ~1 s to import
-
-        digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)  # (N, 1, 8, 8)
-        targets = torch.tensor(digits.target, dtype=torch.long)
+        pixels, labels = _bundled_digits()
+        images = torch.tensor(pixels, dtype=torch.float32).reshape(-1, 1, 8, 8)
+        targets = torch.tensor(labels, dtype=torch.long)
         order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(20261125))
         keep = order[self.TEST_SIZE:] if train else order[: self.TEST_SIZE]
         self.images, self.targets = images[keep], targets[keep]

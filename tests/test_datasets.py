@@ -187,3 +187,23 @@ def test_unreadable_image_in_a_worker_is_one_line_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and broken.name in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_digits_read_without_importing_scikit_learn_equal_load_digits():
+    """DigitsDataset reads scikit-learn's bundled file itself (importing sklearn.datasets costs ~1.5 s of
+    CPU per start); the pixels and labels must be load_digits' own, and sklearn must stay unimported."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from data_loader.datasets import _bundled_digits
+
+    pixels, labels = _bundled_digits()
+    digits = load_digits()
+    assert pixels.dtype == digits.data.dtype and np.array_equal(pixels, digits.data)
+    assert np.array_equal(labels, digits.target) and labels.dtype.kind == "i"
+    probe = ("import sys; from data_loader.datasets import DigitsDataset; d = DigitsDataset(); "
+             "print(len(d), 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1437", "False"], out
