@@ -45,7 +45,13 @@ def check_mlflow_installed() -> None:
 
 
 def tracking_uri(save_dir: str | Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(save_dir).resolve() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, else `<save_dir>/mlflow.db`. A SQLite path is made absolute: the run directory
+    records the URI, and a resume from another working directory must find the same store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(save_dir).resolve() / 'mlflow.db'}"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not os.path.isabs(uri[len(prefix):]):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 def read_run_file(folder: str | Path) -> tuple[str, str | None] | None:
@@ -179,12 +185,19 @@ class MlflowWriter(EpochLogger):
         self.status = "FINISHED"
         self._due = 0.0  # the first scalar is sent at once, later ones every FLUSH_SECONDS
         self._failing = False
+        self._said_kept = False
 
     # ---- scalars ------------------------------------------------------------------------------------
     def add_scalar(self, tag: str, value, global_step: int | None = None, *args, **kwargs) -> None:
         step = int(global_step or 0)
         if step <= self.newest.get(tag, -1):
-            return  # sent by the session a kill interrupted after this step's flush
+            if not self._said_kept:  # sent by the session a kill interrupted after this step's flush
+                self._said_kept = True
+                get_logger().warning(
+                    f"warning: MLflow run {self.run_id} already holds steps up to {self.newest[tag]} from the "
+                    f"session that was killed; it keeps those values (the same ones unless an override on "
+                    f"resume changed the training: TensorBoard and metrics.csv show this session's)")
+            return
         self.newest[tag] = step
         if hasattr(value, "detach"):  # a tensor: a GPU one is read at the flush, so logging forces no host sync
             value = value.item() if value.device.type == "cpu" else value.detach().clone()
@@ -242,6 +255,9 @@ class MlflowWriter(EpochLogger):
         except Exception as exc:  # noqa: BLE001 - the run itself is done; its own error must not be hidden
             get_logger().warning(f"warning: could not finish MLflow run {self.run_id} in {self.uri}: "
                                  f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

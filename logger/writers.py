@@ -102,6 +102,12 @@ class Writers(EpochLogger):
     def record_status(self, status: str) -> None:
         self._each("record_status", status)
 
+    def set_tag(self, key: str, value: str) -> None:
+        """A run-level tag, for the trackers that keep them (MLflow)."""
+        for w in self.writers:
+            if hasattr(w, "set_tag"):
+                w.set_tag(key, value)
+
     def start(self, completed_epochs: int) -> None:
         self._each("start", completed_epochs)
 

@@ -200,5 +200,7 @@ class TrialReport(Callback):
             prune = broadcast_object(prune)
         if prune:
             trainer.should_stop = True
+            if hasattr(trainer.writer, "set_tag"):  # MLflow shows the trial as finished: say it was pruned
+                trainer.writer.set_tag("optuna.pruned_at_epoch", str(epoch))
             trainer.logger.info(f"pruned by the Optuna search at epoch {epoch} ({trainer.monitor_metric} "
                                 f"{float(result[trainer.monitor_metric]):.4f}); stopping after this epoch's checkpoint")

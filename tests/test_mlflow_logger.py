@@ -105,6 +105,27 @@ def test_the_store_is_mlflow_tracking_uri_and_a_fresh_start_replaces_a_run_witho
     assert [(m.step, m.value) for m in client.get_metric_history(fresh.run_id, "loss/step")] == [(1, 1.0), (2, 2.0)]
 
 
+def test_a_relative_sqlite_tracking_uri_is_recorded_absolute(tmp_path, monkeypatch):
+    """A resume from another working directory must reach the same store, not a new one beside it."""
+    from logger.mlflow_logger import RUN_ID_FILE, MlflowWriter
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///stores/rel.db")
+    (tmp_path / "stores").mkdir()
+    run_dir = tmp_path / "digits" / "run"
+    run_dir.mkdir(parents=True)
+    writer = MlflowWriter(run_dir, config(tmp_path), resumed=False)
+    writer.close()
+    assert (run_dir / RUN_ID_FILE).read_text().split() == [writer.run_id, f"sqlite:///{tmp_path / 'stores' / 'rel.db'}"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    reopened = MlflowWriter(run_dir, config(tmp_path), resumed=True)
+    assert reopened.run_id == writer.run_id
+    reopened.close()
+    assert not (elsewhere / "stores").exists()
+
+
 def test_unknown_logger_name_is_a_config_error():
     from config import load_config
     from errors import ConfigError
@@ -173,6 +194,8 @@ def test_train_py_killed_with_sigkill_and_resumed_is_one_mlflow_run_with_the_val
 
     resumed = run_script("train.py", "-r", str(run_dir), env=env, timeout=240)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    kept = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "already holds steps up to" in line]
+    assert len(kept) == 1 and "override" in kept[0], resumed.stdout + resumed.stderr  # said once, with why
     assert f"mlflow:      mlflow ui --backend-store-uri sqlite:///{save_dir / 'mlflow.db'}" in resumed.stdout
 
     experiment = client.get_experiment_by_name("digits")
