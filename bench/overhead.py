@@ -7,6 +7,7 @@ here to /dev/null).
     python bench/overhead.py --model digits       # DigitsCNN, batch 64, target <= 1.05
     python bench/overhead.py --model mlp          # ~1 ms/step MLP, target <= 1.05
     python bench/overhead.py --model mnist --logging-off   # Trainer logging on vs off, target <= 1.02
+    python bench/overhead.py --model mlp --aa     # A/A: the hand-written loop against itself (noise)
 
 Each round is one more epoch of a long-lived trainer and of the hand-written loop (run in alternating
 order). Two ratios per round: the steps (`Trainer.train_seconds`: its loop over the epoch's batches,
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--logging-off", action="store_true", help="compare Trainer logging on against off")
+    parser.add_argument("--aa", action="store_true",
+                        help="A/A: the hand-written loop against a second copy of itself (the noise floor)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     build, shape, loss_name, target = SPECS[args.model]
@@ -144,6 +147,12 @@ def main() -> None:
         seconds = timed(loop)
         return seconds, seconds
 
+    if args.aa:
+        first, second = make_hand(), make_hand()
+        hand_epoch(first), hand_epoch(second)
+        ratios = paired_rounds(lambda: hand_epoch(first), lambda: hand_epoch(second), args.rounds)
+        print(f"{report(f'{args.model}: hand-written loop / the same loop (A/A)', ratios, None):.3f}")
+        return
     torch.manual_seed(1)
     trainer_on = make_trainer(True)
     trainer_epoch(trainer_on)
