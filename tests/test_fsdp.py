@@ -174,6 +174,34 @@ def test_a_temporary_directory_is_ignored_and_swept(single, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_older_checkpoint_directory_is_refused_unless_it_starts_a_new_run(single, tmp_path):
+    """As for .pth files: `-r RUN/checkpoints/epoch-1` of a run whose `last` is newer would retrain in place
+    (metrics.csv rows rewritten, last and best moved); it is refused, and `--run-id NEW` starts a new run."""
+    import shutil
+
+    run = tmp_path / "fsdp" / "one"
+    shutil.copytree(single["run"], run)
+    checkpoints = run / "checkpoints"
+    shutil.copytree(checkpoints / "epoch-1", tmp_path / "epoch-1")
+    ok(run_script("train.py", "-r", str(run), "trainer.epochs=2", env=ONE_THREAD))
+    shutil.rmtree(checkpoints / "epoch-1", ignore_errors=True)  # pruned or not: the older one back in place
+    shutil.copytree(tmp_path / "epoch-1", checkpoints / "epoch-1")
+    before = {name: (run / name).read_bytes() for name in ("metrics.csv", "checkpoints/last", "checkpoints/best")}
+    older = checkpoints / "epoch-1"
+    proc = run_script("train.py", "-r", str(older), "trainer.epochs=2", env=ONE_THREAD)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line and "warn" not in line
+             and "return func(" not in line]
+    assert lines == [f"error: -r {older}: an older checkpoint of {run} (step 19; its `last` (epoch-2) is at step 38): "
+                     f"continuing there would overwrite the run's newer checkpoints; to start a new run from it: "
+                     f"python train.py -r {older} --run-id NEW_ID"], proc.stderr
+    ok(run_script("train.py", "-r", str(older), "--run-id", "branch", "trainer.epochs=2", f"trainer.save_dir={tmp_path}",
+                  env=ONE_THREAD))
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert (tmp_path / "fsdp" / "branch" / "checkpoints" / "last").read_text().strip() == "epoch-2"
+
+
+@pytest.mark.slow
 def test_consolidated_checkpoint_loads_in_test_py(single, tmp_path):
     out = tmp_path / "model.pth"
     state = consolidated(single["run"], out)
