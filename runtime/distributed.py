@@ -150,7 +150,42 @@ def shard_model(model: nn.Module, fsdp: dict, device: torch.device) -> nn.Module
     for module in reversed(units):
         fully_shard(module, **(norm_options if id(module) in norms else options))
     fully_shard(model, **options)
+    _broadcast_buffers_like_ddp(model)
     return model
+
+
+def _broadcast_buffers_like_ddp(model: nn.Module) -> None:
+    """DDP's broadcast_buffers for a sharded model. FSDP2 shards parameters only and leaves buffers alone: each
+    rank kept its own (BatchNorm's running statistics, from its own batches only), validated with them, and a
+    checkpoint (rank 0's) did not hold what the other ranks had. As DDP does, rank 0's buffers are broadcast
+    before a training forward (one with gradients) when the previous training forward ran with gradient sync on,
+    and before the first. Evaluation forwards (no_grad) broadcast nothing: the trainer evaluates DDP's inner
+    module, which broadcasts nothing either, so both validate with the same buffers on every rank."""
+    if not any(True for _ in model.buffers()):
+        return
+    pending = [True]  # DDP's require_forward_param_sync
+
+    def before(module, args):
+        if pending[0] and torch.is_grad_enabled():
+            broadcast_buffers(module)
+
+    def after(module, args, output):
+        if torch.is_grad_enabled():
+            # FSDP2's no_sync: set_requires_gradient_sync(False) clears reduce_grads on the units' parameter groups
+            groups = [group for unit in module.modules() if hasattr(unit, "_get_fsdp_state")
+                      for group in unit._get_fsdp_state()._fsdp_param_groups]
+            pending[0] = all(group.reduce_grads for group in groups)
+
+    model.register_forward_pre_hook(before)
+    model.register_forward_hook(after)
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Every rank takes rank 0's buffers (a no-op in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        with torch.no_grad():
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -468,13 +468,25 @@ def test_sigterm_stops_both_ranks_at_one_step_with_a_sharded_checkpoint(tmp_path
 
 @pytest.mark.slow
 @needs_torchrun
-def test_a_root_with_its_own_parameters_saves_after_validation(tmp_path):
+def test_a_batchnorm_model_trains_as_under_ddp_and_a_root_with_its_own_parameters_saves(tmp_path):
     """Found by a new user's trial: wrapping only some layers left the root's parameters gathered after the
-    validation forward (no backward), and the epoch-end checkpoint read freed memory (SIGSEGV)."""
-    proc = torchrun("-c", str(ROOT / "configs" / "digits.yaml"), "trainer.strategy=fsdp", "trainer.fsdp.wrap=[Conv2d]",
-                    "trainer.epochs=2", f"trainer.save_dir={tmp_path}", "trainer.tensorboard=false")
+    validation forward (no backward), and the epoch-end checkpoint read freed memory (SIGSEGV).
+    BatchNorm: FSDP2 does not broadcast buffers, so each rank kept its own running statistics and validated with
+    them; rank 0's buffers are now broadcast before the forwards where DDP (broadcast_buffers) does it, and the
+    validation loss equals DDP's."""
+    common = ["-c", str(ROOT / "configs" / "digits.yaml"), "trainer.epochs=2", f"trainer.save_dir={tmp_path}",
+              "trainer.tensorboard=false"]
+    proc = torchrun(*common, "trainer.strategy=fsdp", "trainer.fsdp.wrap=[Conv2d]", "--run-id", "fsdp")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert len(list(tmp_path.glob("digits/*/checkpoints/epoch-2*"))) == 1
+    assert len(list(tmp_path.glob("digits/fsdp/checkpoints/epoch-2*"))) == 1
+    ok(torchrun(*common, "--run-id", "ddp"))
+    ddp = torch.load(tmp_path / "digits" / "ddp" / "checkpoints" / "last.pth", weights_only=True)
+    fsdp = consolidated(tmp_path / "digits" / "fsdp", tmp_path / "fsdp.pth")
+    assert fsdp["global_step"] == ddp["global_step"]
+    for key in ("val_loss", "val_accuracy"):
+        assert fsdp["metrics"][key] == pytest.approx(ddp["metrics"][key], abs=TOLERANCE), (fsdp["metrics"], ddp["metrics"])
+    for key in ("features.1.running_mean", "features.4.running_var"):
+        torch.testing.assert_close(fsdp["state_dict"][key], ddp["state_dict"][key], rtol=TOLERANCE, atol=TOLERANCE)
 
 
 @pytest.mark.slow
