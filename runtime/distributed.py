@@ -110,6 +110,14 @@ def check_fsdp_config(cfg: dict, model: nn.Module, device: torch.device, resume_
         raise ConfigError([f"trainer.fsdp.wrap: {name!r} is not the class of any module of "
                            f"{type(model).__name__}{suggest(name, classes)} (its module classes: "
                            f"{', '.join(sorted(classes))})" for name in unknown])
+    # fully_shard hooks a unit's forward: a container that is never called (ModuleList, ModuleDict) failed
+    # inside fully_shard, after the run directory was written.
+    containers = {type(m).__name__: m for m in model.modules()
+                  if type(m).__name__ in cfg["fsdp"]["wrap"] and type(m).forward is nn.Module.forward}
+    if containers:
+        raise ConfigError([f"trainer.fsdp.wrap: {name} has no forward of its own: name the class of its elements "
+                           f"(e.g. {', '.join(sorted({type(c).__name__ for c in m.children()})) or 'Block'})"
+                           for name, m in containers.items()])
     if cfg["sync_batchnorm"]:
         raise ConfigError("trainer.sync_batchnorm: SyncBatchNorm works with strategy ddp only")
     if cfg["fsdp"]["cpu_offload"] and device.type != "cuda":

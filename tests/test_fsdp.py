@@ -107,6 +107,42 @@ def test_a_wrong_wrap_name_is_a_config_error_before_anything_is_written(tmp_path
     assert not (tmp_path / "fsdp").exists()
 
 
+def test_a_container_without_forward_in_wrap_is_a_config_error():
+    """`wrap: [ModuleList]` passed the name check, then fully_shard failed with a raw traceback after the run
+    directory was written (train.log without an end record)."""
+    from torch import nn
+
+    from errors import ConfigError
+    from runtime.distributed import check_fsdp_config
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    cfg = {"strategy": "fsdp", "fsdp": {"wrap": ["ModuleList"], "cpu_offload": False, "mixed_precision": None},
+           "sync_batchnorm": False, "compile": False, "freeze": None}
+    with pytest.raises(ConfigError) as caught:
+        check_fsdp_config(cfg, Net(), torch.device("cpu"))
+    assert str(caught.value) == ("trainer.fsdp.wrap: ModuleList has no forward of its own: name the class of its "
+                                 "elements (e.g. Block)")
+    assert caught.value.exit_code == 2
+    check_fsdp_config({**cfg, "fsdp": {**cfg["fsdp"], "wrap": ["Block"]}}, Net(), torch.device("cpu"))
+
+
 @pytest.mark.slow
 def test_a_run_writes_checkpoint_directories_with_pointers(single):
     checkpoints = single["run"] / "checkpoints"
