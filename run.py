@@ -510,7 +510,10 @@ def _summary(logger, config: dict, run_dir: Path, trainer, result: dict, seconds
     if trainer.metrics_csv is not None:
         logger.info(f"metrics:     {run_dir / 'metrics.csv'}")
     if trainer.sharded_checkpoints:  # checkpoint directories: test.py reads one plain file
-        logger.info(f"evaluate:    python -m checkpoint.consolidate {run_dir} model.pth && python test.py -r model.pth")
+        from checkpoint.consolidate import suggested_output
+
+        out = suggested_output(run_dir)
+        logger.info(f"evaluate:    python -m checkpoint.consolidate {run_dir} {out} && python test.py -r {out}")
     else:
         logger.info(f"evaluate:    python test.py -r {best}")
     more = f"trainer.early_stop={trainer.early_stop + 5}" if result["early_stopped"] else \

@@ -219,7 +219,9 @@ def test_an_older_checkpoint_directory_is_refused_unless_it_starts_a_new_run(sin
     shutil.copytree(single["run"], run)
     checkpoints = run / "checkpoints"
     shutil.copytree(checkpoints / "epoch-1", tmp_path / "epoch-1")
-    ok(run_script("train.py", "-r", str(run), "trainer.epochs=2", env=ONE_THREAD))
+    proc = ok(run_script("train.py", "-r", str(run), "trainer.epochs=2", env=ONE_THREAD))
+    out = run / "consolidated.pth"  # in the run directory: runs do not write over each other's
+    assert f"evaluate:    python -m checkpoint.consolidate {run} {out} && python test.py -r {out}" in proc.stdout + proc.stderr
     shutil.rmtree(checkpoints / "epoch-1", ignore_errors=True)  # pruned or not: the older one back in place
     shutil.copytree(tmp_path / "epoch-1", checkpoints / "epoch-1")
     before = {name: (run / name).read_bytes() for name in ("metrics.csv", "checkpoints/last", "checkpoints/best")}
@@ -279,6 +281,19 @@ def test_consolidate_takes_the_checkpoint_named_best_by_default_and_says_which(s
     assert line.startswith(f"consolidated {checkpoints / 'step-7'} (`last`; "), line
     line = one_line(consolidate(checkpoints / "step-7", tmp_path / "c.pth"), 0)
     assert line.startswith(f"consolidated {checkpoints / 'step-7'} (the directory named; "), line
+    line = one_line(consolidate(checkpoints / "last", tmp_path / "p.pth"), 0)  # a pointer file: followed
+    assert line.startswith(f"consolidated {checkpoints / 'step-7'} (`last`; "), line
+    # OUT is never written over, and its directory never made up
+    before = (tmp_path / "a.pth").read_bytes()
+    line = one_line(consolidate(run, tmp_path / "a.pth", "--checkpoint", "last"), 2)
+    assert line == f"error: {tmp_path / 'a.pth'}: already exists; name a new file (or delete it first)"
+    assert (tmp_path / "a.pth").read_bytes() == before
+    line = one_line(consolidate(run, tmp_path / "typo" / "x.pth"), 2)
+    assert line == f"error: {tmp_path / 'typo' / 'x.pth'}: no such directory {tmp_path / 'typo'}"
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)  # consolidate has no -r: its errors say none
+    line = one_line(consolidate(tmp_path / "empty", tmp_path / "q.pth"), 2)
+    assert line.startswith(f"error: {tmp_path / 'empty'}: the run stopped before its first checkpoint"), line
 
     line = one_line(consolidate(run, tmp_path / "d.pth", "--checkpoint", "epoch-9"), 2)
     assert line == f"error: {checkpoints / 'epoch-9'}: no such checkpoint in this run (it has: last, best, " \
@@ -301,7 +316,8 @@ def test_consolidate_takes_the_checkpoint_named_best_by_default_and_says_which(s
 def test_test_py_on_a_sharded_run_names_the_consolidate_command(single):
     proc = run_script("test.py", "-r", str(single["run"]), env=ONE_THREAD)
     assert proc.returncode == 2
-    assert "python -m checkpoint.consolidate" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"python -m checkpoint.consolidate {single['run']} {single['run'] / 'consolidated.pth'}" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def held_writes(monkeypatch):
