@@ -546,8 +546,10 @@ def test_a_batchnorm_model_trains_as_under_ddp_and_a_root_with_its_own_parameter
 def test_bf16_mixed_precision_trains_a_model_with_batchnorm(tmp_path):
     """FSDP2 casts a unit's parameters to param_dtype but not its buffers: a BatchNorm's bfloat16 weight met
     its float32 running statistics and the first step failed ("expected scalar type BFloat16 but found
-    Float"), after a sanity pass that ran before sharding. Each BatchNorm is now a float32 unit."""
-    proc = torchrun("-c", str(ROOT / "configs" / "digits.yaml"), "trainer.strategy=fsdp", "trainer.fsdp.wrap=[Conv2d]",
+    Float"), after a sanity pass that ran before sharding. Each BatchNorm is now a float32 unit.
+    With the default wrap (the root only), DigitsCNN's float32 `coords` buffer brought the bfloat16 input back to
+    float32 ("Input type (float) and bias type (c10::BFloat16)"): the model casts it to the input's dtype."""
+    proc = torchrun("-c", str(ROOT / "configs" / "digits.yaml"), "trainer.strategy=fsdp",
                     "trainer.fsdp.mixed_precision={param_dtype: bfloat16, reduce_dtype: float32}", "trainer.epochs=1",
                     f"trainer.save_dir={tmp_path}", "trainer.tensorboard=false", "--run-id", "bf16")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
