@@ -488,8 +488,11 @@ def _ended(exc: BaseException, trainer, resume_command: str) -> BaseException:
                             + (f"; resume: {resume_command}" if saved else ""))
     else:
         logger.debug("".join(traceback.format_exception(exc)).rstrip())  # the console too at verbosity 2
+        from runtime.distributed import mixed_precision_hint
+
         piece, at = locate(exc) or ("training", None)
-        exc = TrainingError(f"{piece} failed at {where}{f' ({at})' if at else ''}: {describe_error(exc)}; "
+        hint = mixed_precision_hint(str(exc), trainer.config["trainer"])
+        exc = TrainingError(f"{piece} failed at {where}{f' ({at})' if at else ''}: {describe_error(exc)}{hint}; "
                             f"traceback in {trainer.run_dir / 'train.log'}"
                             + (f"; after fixing it, resume: {resume_command}" if saved else ""))
     log_file_only(logger, str(exc), "ERROR")

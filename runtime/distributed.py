@@ -196,6 +196,21 @@ def broadcast_buffers(model: nn.Module) -> None:
                 dist.broadcast(buffer, src=0)
 
 
+def mixed_precision_hint(message: str, cfg: dict) -> str:
+    """What to add to a training failure that FSDP's mixed precision and a float32 buffer caused, or "": FSDP2
+    casts a unit's inputs to param_dtype but not the model's buffers."""
+    import re
+
+    if cfg.get("strategy") != "fsdp" or not (cfg.get("fsdp") or {}).get("mixed_precision"):
+        return ""
+    if not re.search(r"Input type \(float\) and (bias|weight) type \(c10::(BFloat16|Half)\)", message):
+        return ""
+    return ("; with trainer.fsdp.mixed_precision the input reached this layer in float32: FSDP2 casts each "
+            "unit's inputs to param_dtype, never the model's buffers, so a float32 buffer used with the input "
+            "(torch.cat, arithmetic) brings it back to float32: cast it in the model (buffer.to(x.dtype)), or "
+            "name this layer's class in trainer.fsdp.wrap")
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

@@ -143,6 +143,17 @@ def test_a_container_without_forward_in_wrap_is_a_config_error():
     check_fsdp_config({**cfg, "fsdp": {**cfg["fsdp"], "wrap": ["Block"]}}, Net(), torch.device("cpu"))
 
 
+def test_a_float32_input_under_fsdp_mixed_precision_is_explained():
+    from runtime.distributed import mixed_precision_hint
+
+    message = "Input type (float) and bias type (c10::BFloat16) should be the same or input should be a MKLDNN tensor"
+    fsdp = {"strategy": "fsdp", "fsdp": {"mixed_precision": {"param_dtype": "bfloat16", "reduce_dtype": "float32"}}}
+    hint = mixed_precision_hint(message, fsdp)
+    assert "never the model's buffers" in hint and "buffer.to(x.dtype)" in hint and "trainer.fsdp.wrap" in hint
+    assert mixed_precision_hint(message, {**fsdp, "strategy": "ddp"}) == ""
+    assert mixed_precision_hint("Target 6 is out of bounds", fsdp) == ""
+
+
 @pytest.mark.slow
 def test_a_run_writes_checkpoint_directories_with_pointers(single):
     checkpoints = single["run"] / "checkpoints"
