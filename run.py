@@ -51,6 +51,8 @@ def _resolve_config(args: argparse.Namespace):
     notes = []
     if is_checkpoint_dir(target) or is_sharded_run(target):  # trainer.strategy fsdp: checkpoint/sharded.py
         path, state, notes = find_sharded(target)
+        if is_checkpoint_dir(target):  # one directory named, as one .pth file below
+            run_dir = _continue_in(run_dir, path, state, args.run_id)
     elif target.is_dir():
         path, state, notes = find_resume_checkpoint(run_dir)  # checked like the file below
     else:
@@ -84,25 +86,33 @@ def _build_trainer(cls, *args):
 
 def _continue_in(run_dir: Path, path: Path, state: dict, run_id: str | None) -> Path | None:
     """The run directory a checkpoint inside it continues, or None for a new one (`--run-id`). An older
-    checkpoint (best.pth, epoch-N.pth) continued in place would overwrite the run's newer ones."""
+    checkpoint (best.pth, epoch-N.pth, or a sharded checkpoints/epoch-N/) continued in place would overwrite
+    the run's newer ones."""
     import os
 
     from checkpoint import load_checkpoint
+    from checkpoint.sharded import TRAINER_FILE, read_pointer
     from errors import CheckpointError
 
-    last = run_dir / "checkpoints" / "last.pth"
-    if not last.exists() or os.path.samefile(path, last):
+    checkpoints = run_dir / "checkpoints"
+    try:
+        # A sharded run's newest checkpoint is the directory its pointer `last` names; its step is in trainer.pth.
+        last = read_pointer(checkpoints, "last") if path.is_dir() else checkpoints / "last.pth"
+    except CheckpointError:
+        return run_dir  # a damaged pointer: this checkpoint is the newest that loads
+    if last is None or not last.exists() or os.path.samefile(path, last):
         return run_dir
     try:
-        newest = load_checkpoint(last)["global_step"]
+        newest = load_checkpoint(last / TRAINER_FILE if last.is_dir() else last)["global_step"]
     except (CheckpointError, KeyError):
-        return run_dir  # a damaged last.pth: this checkpoint is the newest that loads
+        return run_dir  # a damaged last: this checkpoint is the newest that loads
     if state["global_step"] >= newest:
         return run_dir
     if run_id is not None:
         return None  # a new run, started from this checkpoint's state
-    raise UserError(f"-r {path}: an older checkpoint of {run_dir} (step {state['global_step']}; its last.pth is at "
-                    f"step {newest}): continuing there would overwrite the run's newer checkpoints; to start a new "
+    newest_name = "last.pth" if last.name == "last.pth" else f"`last` ({last.name})"
+    raise UserError(f"-r {path}: an older checkpoint of {run_dir} (step {state['global_step']}; its {newest_name} is "
+                    f"at step {newest}): continuing there would overwrite the run's newer checkpoints; to start a new "
                     f"run from it: python train.py -r {path} --run-id NEW_ID")
 
 
@@ -478,8 +488,11 @@ def _ended(exc: BaseException, trainer, resume_command: str) -> BaseException:
                             + (f"; resume: {resume_command}" if saved else ""))
     else:
         logger.debug("".join(traceback.format_exception(exc)).rstrip())  # the console too at verbosity 2
+        from runtime.distributed import mixed_precision_hint
+
         piece, at = locate(exc) or ("training", None)
-        exc = TrainingError(f"{piece} failed at {where}{f' ({at})' if at else ''}: {describe_error(exc)}; "
+        hint = mixed_precision_hint(str(exc), trainer.config["trainer"])
+        exc = TrainingError(f"{piece} failed at {where}{f' ({at})' if at else ''}: {describe_error(exc)}{hint}; "
                             f"traceback in {trainer.run_dir / 'train.log'}"
                             + (f"; after fixing it, resume: {resume_command}" if saved else ""))
     log_file_only(logger, str(exc), "ERROR")
@@ -500,7 +513,10 @@ def _summary(logger, config: dict, run_dir: Path, trainer, result: dict, seconds
     if trainer.metrics_csv is not None:
         logger.info(f"metrics:     {run_dir / 'metrics.csv'}")
     if trainer.sharded_checkpoints:  # checkpoint directories: test.py reads one plain file
-        logger.info(f"evaluate:    python -m checkpoint.consolidate {run_dir} model.pth && python test.py -r model.pth")
+        from checkpoint.consolidate import suggested_output
+
+        out = suggested_output(run_dir)
+        logger.info(f"evaluate:    python -m checkpoint.consolidate {run_dir} {out} && python test.py -r {out}")
     else:
         logger.info(f"evaluate:    python test.py -r {best}")
     more = f"trainer.early_stop={trainer.early_stop + 5}" if result["early_stopped"] else \

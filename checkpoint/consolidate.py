@@ -27,7 +27,12 @@ def choose(source: Path, name: str | None) -> tuple[Path, str]:
             raise UserError(f"--checkpoint {name}: {source} is a checkpoint directory itself; --checkpoint picks one "
                             f"of a run directory")
         return source, "the directory named"
-    folder, _ = locate_checkpoint(str(source))
+    if source.is_file() and source.name in POINTERS and is_sharded_run(source.parent):  # RUN/checkpoints/last
+        if name is not None:
+            raise UserError(f"--checkpoint {name}: {source} is a pointer file itself; --checkpoint picks one of a "
+                            f"run directory")
+        return read_pointer(source.parent, source.name), f"`{source.name}`"
+    folder, _ = locate_checkpoint(str(source), option="")
     if not folder.is_dir() or not is_sharded_run(folder):
         raise UserError(f"{source}: holds no sharded checkpoint (trainer.strategy fsdp): its .pth files are single "
                         f"files already, for test.py and predict.py as they are")
@@ -53,6 +58,30 @@ def _listing(folder: Path) -> str:
 
     names = [p for p in POINTERS if (folder / p).is_file()] + sorted(p.name for p in _named_dirs(folder) if p.is_dir())
     return ", ".join(names) or "nothing"
+
+
+def suggested_output(source: Path) -> Path:
+    """The OUT.pth that closing lines and errors suggest for SOURCE: in the run directory (one file per run, so
+    that runs do not write over each other's; never in checkpoints/, where a .pth is taken for the run's own
+    checkpoint), named after the checkpoint directory when one is named."""
+    from checkpoint.sharded import is_checkpoint_dir
+
+    source = Path(source)
+    if is_checkpoint_dir(source):
+        run = source.parent.parent if source.parent.name == "checkpoints" else source.parent
+        return run / f"consolidated-{source.name}.pth"
+    return (source.parent if source.name == "checkpoints" else source) / "consolidated.pth"
+
+
+def check_output(out: Path) -> None:
+    """OUT is a new file in an existing directory: never written over (another run's consolidated file, a
+    config), and no directory made up for a mistyped path."""
+    import os
+
+    if os.path.lexists(out):
+        raise UserError(f"{out}: already exists; name a new file (or delete it first)")
+    if not out.parent.is_dir():
+        raise UserError(f"{out}: no such directory {out.parent}")
 
 
 def consolidate(folder: Path, out: Path) -> tuple[Path, dict]:
@@ -86,13 +115,15 @@ def consolidate(folder: Path, out: Path) -> tuple[Path, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m checkpoint.consolidate", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="a sharded checkpoint directory, or a run directory or its checkpoints/ folder")
-    parser.add_argument("out", help="the .pth file to write")
+    parser.add_argument("out", help="the .pth file to write (a new file, in an existing directory; e.g. "
+                                    "RUN_DIR/consolidated.pth)")
     parser.add_argument("--checkpoint", metavar="NAME", help="of a run: best (default; last if the run has no best), "
                                                              "last, or a directory such as epoch-3")
     args = parser.parse_args(argv)
     try:
         if not Path(args.source).exists():
             raise UserError(f"{args.source}: no such file or directory")
+        check_output(Path(args.out))  # before the checkpoint is read and verified
         folder, how = choose(Path(args.source), args.checkpoint)
         path, state = consolidate(folder, Path(args.out))
     except (UserError, TrainingError) as exc:  # TrainingError: OUT could not be written (exit 1)

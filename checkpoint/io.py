@@ -235,8 +235,10 @@ def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict, list[str]]:
         raise CheckpointError(f"{run_dir}: not a run directory (no checkpoints/ folder)")
     files = [p for p in folder.glob("*.pth") if p.is_file()]
     if not files and (folder / "last").is_file():
+        from checkpoint.consolidate import suggested_output
+
         raise CheckpointError(f"{run_dir}: its checkpoints are sharded (trainer.strategy fsdp); for one file: "
-                              f"python -m checkpoint.consolidate {run_dir} model.pth")
+                              f"python -m checkpoint.consolidate {run_dir} {suggested_output(run_dir)}")
     files.sort(key=lambda p: (p.name != "last.pth", -p.stat().st_mtime))
     notes = []
     for path in files:

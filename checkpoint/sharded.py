@@ -116,13 +116,18 @@ class ShardedSaver:
 
         from checkpoint.io import checkpoint_bytes
         from checkpoint.state import unwrap_model
-        from runtime.distributed import broadcast_object
+        from runtime.distributed import broadcast_buffers, broadcast_object
 
         self.wait()  # one save at a time: the previous one is complete (or its failure raised) first
         state = trainer.checkpoint_state(epoch_finished)  # collective: per-rank RNG, the NaN guard
         del state["optimizer"]  # the weights and the optimizer state go through DCP, sharded
         state["state_dict"] = {}
         state["sharded"] = True
+        # Buffers are not sharded: DCP saves one rank's copy of each, not necessarily rank 0's. The ranks' copies
+        # differ after a training forward (BatchNorm statistics of their own batches); the next training forward
+        # broadcasts rank 0's anyway (as DDP's broadcast_buffers), so taking them now changes nothing but what
+        # is saved: rank 0's, as a DDP run saves, and what every rank resumes with.
+        broadcast_buffers(unwrap_model(trainer.model))
         model_state, optim_state = get_state_dict(unwrap_model(trainer.model), trainer.optimizer)
         folder, main = trainer.checkpoint_dir, trainer.dist.is_main
         if folder is None:

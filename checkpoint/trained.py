@@ -24,13 +24,14 @@ class Trained:
 def checkpoint_file(resume: str | Path) -> Path:
     """`-r` of test.py, predict.py and export.py: a checkpoint file, or a run directory or its checkpoints/
     folder (its best.pth, else last.pth)."""
+    from checkpoint.consolidate import suggested_output
     from checkpoint.sharded import is_checkpoint_dir, is_sharded_run
     from errors import CheckpointError
     from runtime.run_dir import locate_checkpoint
 
     if is_checkpoint_dir(Path(resume)) or (Path(resume).is_dir() and is_sharded_run(locate_checkpoint(str(resume))[0])):
         raise CheckpointError(f"{resume}: a sharded checkpoint (trainer.strategy fsdp); for one file: "
-                              f"python -m checkpoint.consolidate {resume} model.pth")
+                              f"python -m checkpoint.consolidate {resume} {suggested_output(resume)}")
     path, _ = locate_checkpoint(str(resume))
     if path.is_dir():
         path = next((p for p in (path / "best.pth", path / "last.pth") if p.exists()), path / "best.pth")

@@ -41,7 +41,9 @@ class DigitsCNN(BaseModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 8, 8)
         x = (x - self.pixel_mean) / self.pixel_std
-        x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)  # (B, 3, 8, 8)
+        # In x's dtype: under FSDP's bfloat16 the input is cast and the buffer is not; float32 coordinates would
+        # bring the concatenation back to float32, which the bfloat16 Conv2d refuses.
+        x = torch.cat([x, self.coords.to(x.dtype).expand(x.shape[0], -1, -1, -1)], dim=1)  # (B, 3, 8, 8)
         return F.log_softmax(self.classifier(self.features(x)), dim=1)
 
 

@@ -110,6 +110,14 @@ def check_fsdp_config(cfg: dict, model: nn.Module, device: torch.device, resume_
         raise ConfigError([f"trainer.fsdp.wrap: {name!r} is not the class of any module of "
                            f"{type(model).__name__}{suggest(name, classes)} (its module classes: "
                            f"{', '.join(sorted(classes))})" for name in unknown])
+    # fully_shard hooks a unit's forward: a container that is never called (ModuleList, ModuleDict) failed
+    # inside fully_shard, after the run directory was written.
+    containers = {type(m).__name__: m for m in model.modules()
+                  if type(m).__name__ in cfg["fsdp"]["wrap"] and type(m).forward is nn.Module.forward}
+    if containers:
+        raise ConfigError([f"trainer.fsdp.wrap: {name} has no forward of its own: name the class of its elements "
+                           f"(e.g. {', '.join(sorted({type(c).__name__ for c in m.children()})) or 'Block'})"
+                           for name, m in containers.items()])
     if cfg["sync_batchnorm"]:
         raise ConfigError("trainer.sync_batchnorm: SyncBatchNorm works with strategy ddp only")
     if cfg["fsdp"]["cpu_offload"] and device.type != "cuda":
@@ -150,7 +158,57 @@ def shard_model(model: nn.Module, fsdp: dict, device: torch.device) -> nn.Module
     for module in reversed(units):
         fully_shard(module, **(norm_options if id(module) in norms else options))
     fully_shard(model, **options)
+    _broadcast_buffers_like_ddp(model)
     return model
+
+
+def _broadcast_buffers_like_ddp(model: nn.Module) -> None:
+    """DDP's broadcast_buffers for a sharded model. FSDP2 shards parameters only and leaves buffers alone: each
+    rank kept its own (BatchNorm's running statistics, from its own batches only), validated with them, and a
+    checkpoint (rank 0's) did not hold what the other ranks had. As DDP does, rank 0's buffers are broadcast
+    before a training forward (one with gradients) when the previous training forward ran with gradient sync on,
+    and before the first. Evaluation forwards (no_grad) broadcast nothing: the trainer evaluates DDP's inner
+    module, which broadcasts nothing either, so both validate with the same buffers on every rank."""
+    if not any(True for _ in model.buffers()):
+        return
+    pending = [True]  # DDP's require_forward_param_sync
+
+    def before(module, args):
+        if pending[0] and torch.is_grad_enabled():
+            broadcast_buffers(module)
+
+    def after(module, args, output):
+        if torch.is_grad_enabled():
+            # FSDP2's no_sync: set_requires_gradient_sync(False) clears reduce_grads on the units' parameter groups
+            groups = [group for unit in module.modules() if hasattr(unit, "_get_fsdp_state")
+                      for group in unit._get_fsdp_state()._fsdp_param_groups]
+            pending[0] = all(group.reduce_grads for group in groups)
+
+    model.register_forward_pre_hook(before)
+    model.register_forward_hook(after)
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Every rank takes rank 0's buffers (a no-op in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        with torch.no_grad():
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
+
+def mixed_precision_hint(message: str, cfg: dict) -> str:
+    """What to add to a training failure that FSDP's mixed precision and a float32 buffer caused, or "": FSDP2
+    casts a unit's inputs to param_dtype but not the model's buffers."""
+    import re
+
+    if cfg.get("strategy") != "fsdp" or not (cfg.get("fsdp") or {}).get("mixed_precision"):
+        return ""
+    if not re.search(r"Input type \(float\) and (bias|weight) type \(c10::(BFloat16|Half)\)", message):
+        return ""
+    return ("; with trainer.fsdp.mixed_precision the input reached this layer in float32: FSDP2 casts each "
+            "unit's inputs to param_dtype, never the model's buffers, so a float32 buffer used with the input "
+            "(torch.cat, arithmetic) brings it back to float32: cast it in the model (buffer.to(x.dtype)), or "
+            "name this layer's class in trainer.fsdp.wrap")
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -133,13 +133,15 @@ def write_config(config: dict, run_dir: Path, suffix: str) -> Path:
     return path
 
 
-def locate_checkpoint(target: str) -> tuple[Path, Path | None]:
+def locate_checkpoint(target: str, option: str = "-r ") -> tuple[Path, Path | None]:
     """What `-r target` names, for train.py and test.py alike: (a checkpoint file, or the checkpoints/ folder
     to choose one from; the run directory, or None for a file outside one). A run directory, its
-    checkpoints/ folder and a checkpoint file are all accepted."""
+    checkpoints/ folder and a checkpoint file are all accepted. `option`: how errors name the target
+    ("" for a command whose argument it is)."""
     path = Path(target)
+    named = f"{option}{target}"
     if not path.exists():
-        raise UserError(f"-r {target}: no such file or directory")
+        raise UserError(f"{named}: no such file or directory")
     if not path.is_dir():
         return path, path.parent.parent if path.parent.name == "checkpoints" else None
     if (path / "checkpoints").is_dir():
@@ -147,12 +149,12 @@ def locate_checkpoint(target: str) -> tuple[Path, Path | None]:
     elif path.resolve().name == "checkpoints":
         run_dir = path.parent if path.name == "checkpoints" else path.resolve().parent
     else:
-        raise UserError(f"-r {target}: not a run directory (no checkpoints/ folder), nor a checkpoints/ folder, "
+        raise UserError(f"{named}: not a run directory (no checkpoints/ folder), nor a checkpoints/ folder, "
                         f"nor a checkpoint file")
     if not has_checkpoint(run_dir):
         config = next((p for p in (run_dir / "config.yaml", run_dir / "config.json") if p.exists()), None)
         how = f"python train.py -c {config} --run-id {run_dir.name}" if config else f"--run-id {run_dir.name}"
-        raise UserError(f"-r {target}: the run stopped before its first checkpoint, so there is nothing to "
+        raise UserError(f"{named}: the run stopped before its first checkpoint, so there is nothing to "
                         f"resume or evaluate; start it afresh with: {how}")
     return run_dir / "checkpoints", run_dir
 

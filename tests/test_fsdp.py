@@ -107,6 +107,53 @@ def test_a_wrong_wrap_name_is_a_config_error_before_anything_is_written(tmp_path
     assert not (tmp_path / "fsdp").exists()
 
 
+def test_a_container_without_forward_in_wrap_is_a_config_error():
+    """`wrap: [ModuleList]` passed the name check, then fully_shard failed with a raw traceback after the run
+    directory was written (train.log without an end record)."""
+    from torch import nn
+
+    from errors import ConfigError
+    from runtime.distributed import check_fsdp_config
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    cfg = {"strategy": "fsdp", "fsdp": {"wrap": ["ModuleList"], "cpu_offload": False, "mixed_precision": None},
+           "sync_batchnorm": False, "compile": False, "freeze": None}
+    with pytest.raises(ConfigError) as caught:
+        check_fsdp_config(cfg, Net(), torch.device("cpu"))
+    assert str(caught.value) == ("trainer.fsdp.wrap: ModuleList has no forward of its own: name the class of its "
+                                 "elements (e.g. Block)")
+    assert caught.value.exit_code == 2
+    check_fsdp_config({**cfg, "fsdp": {**cfg["fsdp"], "wrap": ["Block"]}}, Net(), torch.device("cpu"))
+
+
+def test_a_float32_input_under_fsdp_mixed_precision_is_explained():
+    from runtime.distributed import mixed_precision_hint
+
+    message = "Input type (float) and bias type (c10::BFloat16) should be the same or input should be a MKLDNN tensor"
+    fsdp = {"strategy": "fsdp", "fsdp": {"mixed_precision": {"param_dtype": "bfloat16", "reduce_dtype": "float32"}}}
+    hint = mixed_precision_hint(message, fsdp)
+    assert "never the model's buffers" in hint and "buffer.to(x.dtype)" in hint and "trainer.fsdp.wrap" in hint
+    assert mixed_precision_hint(message, {**fsdp, "strategy": "ddp"}) == ""
+    assert mixed_precision_hint("Target 6 is out of bounds", fsdp) == ""
+
+
 @pytest.mark.slow
 def test_a_run_writes_checkpoint_directories_with_pointers(single):
     checkpoints = single["run"] / "checkpoints"
@@ -174,6 +221,36 @@ def test_a_temporary_directory_is_ignored_and_swept(single, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_older_checkpoint_directory_is_refused_unless_it_starts_a_new_run(single, tmp_path):
+    """As for .pth files: `-r RUN/checkpoints/epoch-1` of a run whose `last` is newer would retrain in place
+    (metrics.csv rows rewritten, last and best moved); it is refused, and `--run-id NEW` starts a new run."""
+    import shutil
+
+    run = tmp_path / "fsdp" / "one"
+    shutil.copytree(single["run"], run)
+    checkpoints = run / "checkpoints"
+    shutil.copytree(checkpoints / "epoch-1", tmp_path / "epoch-1")
+    proc = ok(run_script("train.py", "-r", str(run), "trainer.epochs=2", env=ONE_THREAD))
+    out = run / "consolidated.pth"  # in the run directory: runs do not write over each other's
+    assert f"evaluate:    python -m checkpoint.consolidate {run} {out} && python test.py -r {out}" in proc.stdout + proc.stderr
+    shutil.rmtree(checkpoints / "epoch-1", ignore_errors=True)  # pruned or not: the older one back in place
+    shutil.copytree(tmp_path / "epoch-1", checkpoints / "epoch-1")
+    before = {name: (run / name).read_bytes() for name in ("metrics.csv", "checkpoints/last", "checkpoints/best")}
+    older = checkpoints / "epoch-1"
+    proc = run_script("train.py", "-r", str(older), "trainer.epochs=2", env=ONE_THREAD)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line and "warn" not in line
+             and "return func(" not in line]
+    assert lines == [f"error: -r {older}: an older checkpoint of {run} (step 19; its `last` (epoch-2) is at step 38): "
+                     f"continuing there would overwrite the run's newer checkpoints; to start a new run from it: "
+                     f"python train.py -r {older} --run-id NEW_ID"], proc.stderr
+    ok(run_script("train.py", "-r", str(older), "--run-id", "branch", "trainer.epochs=2", f"trainer.save_dir={tmp_path}",
+                  env=ONE_THREAD))
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert (tmp_path / "fsdp" / "branch" / "checkpoints" / "last").read_text().strip() == "epoch-2"
+
+
+@pytest.mark.slow
 def test_consolidated_checkpoint_loads_in_test_py(single, tmp_path):
     out = tmp_path / "model.pth"
     state = consolidated(single["run"], out)
@@ -215,6 +292,19 @@ def test_consolidate_takes_the_checkpoint_named_best_by_default_and_says_which(s
     assert line.startswith(f"consolidated {checkpoints / 'step-7'} (`last`; "), line
     line = one_line(consolidate(checkpoints / "step-7", tmp_path / "c.pth"), 0)
     assert line.startswith(f"consolidated {checkpoints / 'step-7'} (the directory named; "), line
+    line = one_line(consolidate(checkpoints / "last", tmp_path / "p.pth"), 0)  # a pointer file: followed
+    assert line.startswith(f"consolidated {checkpoints / 'step-7'} (`last`; "), line
+    # OUT is never written over, and its directory never made up
+    before = (tmp_path / "a.pth").read_bytes()
+    line = one_line(consolidate(run, tmp_path / "a.pth", "--checkpoint", "last"), 2)
+    assert line == f"error: {tmp_path / 'a.pth'}: already exists; name a new file (or delete it first)"
+    assert (tmp_path / "a.pth").read_bytes() == before
+    line = one_line(consolidate(run, tmp_path / "typo" / "x.pth"), 2)
+    assert line == f"error: {tmp_path / 'typo' / 'x.pth'}: no such directory {tmp_path / 'typo'}"
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)  # consolidate has no -r: its errors say none
+    line = one_line(consolidate(tmp_path / "empty", tmp_path / "q.pth"), 2)
+    assert line.startswith(f"error: {tmp_path / 'empty'}: the run stopped before its first checkpoint"), line
 
     line = one_line(consolidate(run, tmp_path / "d.pth", "--checkpoint", "epoch-9"), 2)
     assert line == f"error: {checkpoints / 'epoch-9'}: no such checkpoint in this run (it has: last, best, " \
@@ -237,7 +327,8 @@ def test_consolidate_takes_the_checkpoint_named_best_by_default_and_says_which(s
 def test_test_py_on_a_sharded_run_names_the_consolidate_command(single):
     proc = run_script("test.py", "-r", str(single["run"]), env=ONE_THREAD)
     assert proc.returncode == 2
-    assert "python -m checkpoint.consolidate" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"python -m checkpoint.consolidate {single['run']} {single['run'] / 'consolidated.pth'}" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def held_writes(monkeypatch):
@@ -440,13 +531,25 @@ def test_sigterm_stops_both_ranks_at_one_step_with_a_sharded_checkpoint(tmp_path
 
 @pytest.mark.slow
 @needs_torchrun
-def test_a_root_with_its_own_parameters_saves_after_validation(tmp_path):
+def test_a_batchnorm_model_trains_as_under_ddp_and_a_root_with_its_own_parameters_saves(tmp_path):
     """Found by a new user's trial: wrapping only some layers left the root's parameters gathered after the
-    validation forward (no backward), and the epoch-end checkpoint read freed memory (SIGSEGV)."""
-    proc = torchrun("-c", str(ROOT / "configs" / "digits.yaml"), "trainer.strategy=fsdp", "trainer.fsdp.wrap=[Conv2d]",
-                    "trainer.epochs=2", f"trainer.save_dir={tmp_path}", "trainer.tensorboard=false")
+    validation forward (no backward), and the epoch-end checkpoint read freed memory (SIGSEGV).
+    BatchNorm: FSDP2 does not broadcast buffers, so each rank kept its own running statistics and validated with
+    them; rank 0's buffers are now broadcast before the forwards where DDP (broadcast_buffers) does it, and the
+    validation loss equals DDP's."""
+    common = ["-c", str(ROOT / "configs" / "digits.yaml"), "trainer.epochs=2", f"trainer.save_dir={tmp_path}",
+              "trainer.tensorboard=false"]
+    proc = torchrun(*common, "trainer.strategy=fsdp", "trainer.fsdp.wrap=[Conv2d]", "--run-id", "fsdp")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert len(list(tmp_path.glob("digits/*/checkpoints/epoch-2*"))) == 1
+    assert len(list(tmp_path.glob("digits/fsdp/checkpoints/epoch-2*"))) == 1
+    ok(torchrun(*common, "--run-id", "ddp"))
+    ddp = torch.load(tmp_path / "digits" / "ddp" / "checkpoints" / "last.pth", weights_only=True)
+    fsdp = consolidated(tmp_path / "digits" / "fsdp", tmp_path / "fsdp.pth")
+    assert fsdp["global_step"] == ddp["global_step"]
+    for key in ("val_loss", "val_accuracy"):
+        assert fsdp["metrics"][key] == pytest.approx(ddp["metrics"][key], abs=TOLERANCE), (fsdp["metrics"], ddp["metrics"])
+    for key in ("features.1.running_mean", "features.4.running_var"):
+        torch.testing.assert_close(fsdp["state_dict"][key], ddp["state_dict"][key], rtol=TOLERANCE, atol=TOLERANCE)
 
 
 @pytest.mark.slow
@@ -454,8 +557,10 @@ def test_a_root_with_its_own_parameters_saves_after_validation(tmp_path):
 def test_bf16_mixed_precision_trains_a_model_with_batchnorm(tmp_path):
     """FSDP2 casts a unit's parameters to param_dtype but not its buffers: a BatchNorm's bfloat16 weight met
     its float32 running statistics and the first step failed ("expected scalar type BFloat16 but found
-    Float"), after a sanity pass that ran before sharding. Each BatchNorm is now a float32 unit."""
-    proc = torchrun("-c", str(ROOT / "configs" / "digits.yaml"), "trainer.strategy=fsdp", "trainer.fsdp.wrap=[Conv2d]",
+    Float"), after a sanity pass that ran before sharding. Each BatchNorm is now a float32 unit.
+    With the default wrap (the root only), DigitsCNN's float32 `coords` buffer brought the bfloat16 input back to
+    float32 ("Input type (float) and bias type (c10::BFloat16)"): the model casts it to the input's dtype."""
+    proc = torchrun("-c", str(ROOT / "configs" / "digits.yaml"), "trainer.strategy=fsdp",
                     "trainer.fsdp.mixed_precision={param_dtype: bfloat16, reduce_dtype: float32}", "trainer.epochs=1",
                     f"trainer.save_dir={tmp_path}", "trainer.tensorboard=false", "--run-id", "bf16")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
