@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from errors import Interrupted, TrainingError, UserError, one_line, problem_lines
@@ -56,8 +57,10 @@ def main(argv: list[str] | None = None, *, process_exits: bool = False) -> int:
 
         return train_run(args, stop)
     except (UserError, TrainingError) as exc:
-        for line in problem_lines(exc):
-            print(f"error: {line}", file=sys.stderr)
+        # Under torchrun every process of a node meets the same config error: one of them says it.
+        if not (isinstance(exc, UserError) and os.environ.get("LOCAL_RANK", "0") != "0"):
+            for line in problem_lines(exc):
+                print(f"error: {line}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
         print(str(exc), file=sys.stderr)

@@ -105,6 +105,11 @@ def test_a_wrong_wrap_name_is_a_config_error_before_anything_is_written(tmp_path
     assert "trainer.fsdp.wrap: 'Linaer' is not the class of any module of MLP (did you mean 'Linear'?)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "fsdp").exists()
+    # Under torchrun both processes meet it; one says it (then torchrun reports the failed workers, exit 1).
+    proc = torchrun("-c", str(config))
+    assert proc.returncode != 0 and not (tmp_path / "fsdp").exists()
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "is not the class of any module" in line]
+    assert len(said) == 1, proc.stdout + proc.stderr
 
 
 def test_a_container_without_forward_in_wrap_is_a_config_error():
