@@ -31,11 +31,16 @@ import re
 import shutil
 import threading
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
 
 from errors import CheckpointError, TrainingError
+
+# strategy fsdp in one process (no torchrun; a resume to one process) saves and loads its one shard on
+# purpose: DCP's warning that it assumes so would only alarm.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 from runtime.atomic_write import atomic_write, fsync_dir
 
 MANIFEST, TRAINER_FILE, METADATA = "manifest.json", "trainer.pth", ".metadata"
