@@ -1,11 +1,12 @@
 """Checkpoint load with verification against torch.load(mmap=True, weights_only=True) of the same file, each
 followed by one read of every tensor (target <= 1.5).
 
-load_checkpoint checks the zip structure and every record's CRC-32 over the mapped file, then maps it with
-torch.load(mmap=True); the baseline maps it without any check. Both then read every tensor once (`sum`),
-which loading into a model costs anyway; a second ratio copies every tensor into tensors allocated
-beforehand instead, as `load_state_dict` does. Checkpoints of ~96 MiB and ~1 GiB (a stack of linear layers)
-are written to a temporary directory, from the page cache both ways, and deleted at the end.
+load_checkpoint checks the zip structure and the pickle's CRC-32 over the mapped file, maps it with
+torch.load(mmap=True), then checks each tensor's CRC-32 over the memory that load returned (so the check
+faults in the pages the read then uses); the baseline maps it without any check. Both then read every tensor
+once (`sum`), which loading into a model costs anyway; a second ratio copies every tensor into tensors
+allocated beforehand instead, as `load_state_dict` does. Checkpoints of ~96 MiB and ~1 GiB (a stack of
+linear layers) are written to a temporary directory, from the page cache both ways, and deleted at the end.
 
     python bench/load.py [--rounds 9] [--sizes 96 1024]
 """

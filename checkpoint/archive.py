@@ -13,8 +13,9 @@ entry agrees with its local header and data descriptor, records lie inside the f
 overlapping, the end records agree with each other, and each record's bytes match their CRC-32.
 Anything else is refused, even when it would happen to load: a damaged structure means a damaged file.
 
-The file is mapped, not read: the checks run over the page cache, which torch.load(mmap=True) then maps
-again, so verifying costs one pass over memory (on two threads) and no copy.
+The file is mapped, not read: the checks run over the page cache, with no copy. verify_archive checks a
+whole file; load_checkpoint (checkpoint/io.py) runs check_structure and check_crcs itself, the tensors'
+records over the memory torch.load(mmap=True) returns.
 """
 from __future__ import annotations
 
@@ -179,54 +180,74 @@ def _check_local(data: mmap.mmap, record: Record, limit: int) -> None:
         raise ArchiveError(f"record {record.name!r} runs into the central directory")
 
 
+def check_structure(data: mmap.mmap) -> list[Record]:
+    """The records of the mapped archive, in file order; ArchiveError unless its structure is consistent
+    (everything verify_archive checks but the CRC-32s)."""
+    count, cd_offset, cd_size = _end_records(data, len(data))
+    records = sorted(_central_directory(data, count, cd_offset, cd_size), key=lambda r: r.header)
+    previous_end = 0
+    for record in records:
+        if record.header < previous_end:
+            raise ArchiveError(f"record {record.name!r} overlaps the one before it")
+        _check_local(data, record, cd_offset)
+        previous_end = record.end
+    return records
+
+
+def has_checksums(records: list[Record]) -> bool:
+    """False for a file written with torch's CRC option off (not by this project): no checksum to verify."""
+    return any(record.crc for record in records if record.size)
+
+
+def check_crcs(records: list[Record], views: list[memoryview]) -> None:
+    """Raise ChecksumMismatch unless each record's bytes (views[i] holds those of records[i]) match its CRC-32."""
+    try:
+        crcs = _crcs(views)
+    finally:
+        views.clear()  # a view kept alive by a traceback would keep the mapping under it from closing
+    for record, crc in zip(records, crcs):
+        if crc != record.crc:
+            raise ChecksumMismatch(f"bad CRC-32 of record {record.name.decode(errors='replace')}")
+
+
 def verify_archive(handle: BinaryIO) -> None:
     """Raise ArchiveError unless the structure is consistent and every record matches its CRC-32."""
     if not handle.seek(0, 2):
         raise ArchiveError("empty file")
     with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        file_size = len(data)
-        count, cd_offset, cd_size = _end_records(data, file_size)
-        records = _central_directory(data, count, cd_offset, cd_size)
-        previous_end = 0
-        for record in sorted(records, key=lambda r: r.header):
-            if record.header < previous_end:
-                raise ArchiveError(f"record {record.name!r} overlaps the one before it")
-            _check_local(data, record, cd_offset)
-            previous_end = record.end
-        if not any(record.crc for record in records if record.size):
-            return  # written with torch's CRC option off (not by this project): no checksum to verify
-        for record, crc in zip(records, _record_crcs(data, records)):
-            if crc != record.crc:
-                raise ChecksumMismatch(f"bad CRC-32 of record {record.name.decode(errors='replace')}")
+        records = check_structure(data)
+        if has_checksums(records):
+            with memoryview(data) as view:
+                check_crcs(records, [view[r.start:r.start + r.size] for r in records])
 
 
-def _record_crcs(data: mmap.mmap, records: list[Record]) -> list[int]:
-    """The CRC-32 of each record's bytes, computed in pieces spread over THREADS threads and then joined."""
-    total = sum(record.size for record in records)
+def _crcs(views: list[memoryview]) -> list[int]:
+    """The CRC-32 of each buffer, computed in pieces spread over THREADS threads and then joined."""
+    total = sum(len(view) for view in views)
     piece = max(PIECE, -(-total // (8 * THREADS)))  # 8 tasks a thread: a busy core delays the end little
-    tasks, task, task_bytes = [], [], 0  # a task: consecutive pieces (record index, start, end) of ~piece bytes
-    for index, record in enumerate(records):
-        for start in range(record.start, record.start + record.size, piece):
-            end = min(start + piece, record.start + record.size)
+    tasks, task, task_bytes = [], [], 0  # a task: consecutive pieces (buffer index, start, end) of ~piece bytes
+    for index, view in enumerate(views):
+        for start in range(0, len(view), piece):
+            end = min(start + piece, len(view))
             task.append((index, start, end))
             task_bytes += end - start
             if task_bytes >= piece:
                 tasks.append(task)
                 task, task_bytes = [], 0
     tasks.append(task)
-    with memoryview(data) as view:
-        def run(task: list[tuple[int, int, int]]) -> list[int]:
-            return [crc32(view[start:end]) for _, start, end in task]
 
-        if len(tasks) > 2:
-            with ThreadPoolExecutor(THREADS) as pool:
-                results = list(pool.map(run, tasks))
-        else:
-            results = [run(task) for task in tasks]
-    crcs = [0] * len(records)
+    def run(task: list[tuple[int, int, int]]) -> list[int]:
+        return [crc32(views[index][start:end]) for index, start, end in task]
+
+    if len(tasks) > 2:
+        with ThreadPoolExecutor(THREADS) as pool:
+            results = list(pool.map(run, tasks))
+    else:
+        results = [run(task) for task in tasks]
+    crcs = [0] * len(views)
     for task, values in zip(tasks, results):
         for (index, start, end), value in zip(task, values):
-            crcs[index] = value if start == records[index].start else crc32_combine(crcs[index], value, end - start)
+            crcs[index] = value if start == 0 else crc32_combine(crcs[index], value, end - start)
     return crcs
 
 

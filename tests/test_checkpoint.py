@@ -383,6 +383,31 @@ def test_records_checked_in_pieces_on_threads(tmp_path, monkeypatch):
             load_checkpoint(bad)
 
 
+def test_tensor_records_are_checked_over_the_loaded_storages(tmp_path, run_dir, monkeypatch):
+    """Each tensor's record is checked over the storage torch.load(mmap=True) returned (a real run's checkpoint:
+    model, optimizer, RNG states); where no storage matches a record, over the file: a flipped byte is refused
+    either way, and the good file loads the same."""
+    import checkpoint.io as io
+
+    path = run_dir / "checkpoints" / "last.pth"
+    flipped = tmp_path / "flipped.pth"
+    shutil.copy(path, flipped)
+    flip_tensor_byte(flipped)
+    expected = torch.load(path, weights_only=True)["state_dict"]
+    storage_views, calls = io._storage_views, []
+    monkeypatch.setattr(io, "_storage_views", lambda state, records: calls.append(
+        (storage_views(state, records), records)) or calls[-1][0])
+    for matched in (True, False):
+        loaded = load_checkpoint(path)["state_dict"]
+        assert list(loaded) == list(expected) and all(torch.equal(loaded[k], expected[k]) for k in expected)
+        with pytest.raises(CheckpointError, match="checksum mismatch"):
+            load_checkpoint(flipped)
+        if matched:
+            views, records = calls[0]
+            assert len(records) > 5 and set(views) == {record.start for record in records}
+            monkeypatch.setattr(io, "_storage_views", lambda state, records: {})  # every record over the file
+
+
 def test_loaded_tensors_are_private_to_the_process(tmp_path):
     """load_checkpoint maps the file (mmap=True): writing into a loaded tensor in place (an optimizer's state after
     a resume) must not reach the file, even where torch's default mapping was made shared; and replacing the file
@@ -409,13 +434,14 @@ def test_the_file_verified_is_the_file_loaded(tmp_path, monkeypatch):
 
     path = save_checkpoint({"state_dict": {"w": torch.ones(10)}}, tmp_path / "a.pth")
     other = save_checkpoint({"state_dict": {"w": torch.zeros(10)}}, tmp_path / "b.pth")
-    verify = io.verify_archive
+    check = io.check_structure
 
-    def verify_then_replace(handle):
-        verify(handle)
+    def check_then_replace(data):
+        records = check(data)
         os.replace(other, path)
+        return records
 
-    monkeypatch.setattr(io, "verify_archive", verify_then_replace)
+    monkeypatch.setattr(io, "check_structure", check_then_replace)
     assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.ones(10))
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.zeros(10))
