@@ -140,7 +140,7 @@ class ShardedSaver:
         base = f"epoch-{trainer.epoch}" if epoch_finished else f"step-{trainer.global_step}"
         temp = None
         if main:
-            trainer.writer.flush()  # as for .pth checkpoints: what is logged up to the step is on disk first
+            trainer.flush_logs()  # as for .pth checkpoints: what is logged up to the step is on disk first
             folder.mkdir(parents=True, exist_ok=True)
             for stale in sweep_temporary_dirs(folder):
                 trainer.logger.info(f"removed {stale.name} left by an interrupted save")

@@ -13,8 +13,15 @@ is enlarged or "Show actual image size" is ticked.
 from __future__ import annotations
 
 import functools
+import struct
+import zlib
 
 import torch
+
+try:  # ISA-L's deflate (a requirement of the checkpoint code) is ~5x zlib's at the fastest level
+    from isal.isal_zlib import compress
+except ImportError:
+    from zlib import compress
 
 TILE = 80          # pixels per sample image: tiny images are scaled up so a person can see them
 CELL = 140         # pixels per sample in a classification grid: the caption may be wider than the image
@@ -123,6 +130,28 @@ def _fit(text: str, length, width: float) -> str:
     while len(text) > 1 and length(text + "…") > width:
         text = text[:-1]
     return text + "…"
+
+
+def encode_png(picture) -> bytes:
+    """An (H, W, 3) uint8 array as PNG file bytes. Each row is stored as its difference from the row above
+    (PNG's "Up" filter: the pictures' enlarged tiles and black margins become runs of zeros) and deflated at
+    the fastest level: 0.2-1 ms for a 276 x 716 grid, about as small as Pillow's PNG at compress_level=1,
+    which took 5-10 ms (it tries each of PNG's five filters on every row)."""
+    import numpy as np
+
+    height, width, _ = picture.shape
+    rows = np.ascontiguousarray(picture, dtype=np.uint8).reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # the filter type of each row: Up (the row above the first counts as zeros)
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG's filters are
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits per channel, RGB, not interlaced
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", compress(filtered.tobytes(), 1))
+            + chunk(b"IEND", b""))
 
 
 PALETTE = torch.tensor([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],

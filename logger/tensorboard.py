@@ -342,19 +342,19 @@ def _writer_class():
             if getattr(self, "without_pillow", False):
                 return
             try:
-                from PIL import Image
+                import PIL  # noqa: F401 - the captions are drawn with it
             except ImportError:  # Pillow comes with torchvision, but a project may do without both
                 self.without_pillow = True
                 get_logger().warning("warning: trainer.images is on but Pillow is not installed; no sample images")
                 return
             from tensorboard.compat.proto.summary_pb2 import Summary
 
+            from logger.images import encode_png
+
             picture = picture.numpy() if hasattr(picture, "numpy") else picture
-            # Encoded here rather than by add_image: a third of the time (fast zlib level, no conversions).
-            png = io.BytesIO()
-            Image.fromarray(picture).save(png, format="PNG", compress_level=1)
+            # Encoded here rather than by add_image (Pillow's encoder, after conversions): see encode_png.
             image = Summary.Image(height=picture.shape[0], width=picture.shape[1], colorspace=3,
-                                  encoded_image_string=png.getvalue())
+                                  encoded_image_string=encode_png(picture))
             self._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
         def add_model_graph(self, model, inputs) -> None:

@@ -704,6 +704,72 @@ def test_sample_grid_shows_each_input_with_readable_true_and_predicted_labels():
     assert sample_grid(data, torch.zeros(3), torch.zeros(3, 1)) is None  # not classification
 
 
+def test_pictures_are_stored_as_lossless_png():
+    import numpy as np
+    from PIL import Image
+
+    from logger.images import encode_png
+
+    generator = np.random.default_rng(0)
+    for shape in [(1, 1, 3), (7, 13, 3), (276, 716, 3)]:
+        picture = generator.integers(0, 256, shape, dtype=np.uint8)
+        picture[: shape[0] // 2] = picture[0]  # repeated rows, as in enlarged tiles
+        assert np.array_equal(np.array(Image.open(io.BytesIO(encode_png(picture)))), picture)
+
+
+def test_the_epoch_pictures_are_drawn_aside_and_written_before_its_checkpoint(tmp_path, monkeypatch):
+    """The epoch's histograms and sample picture are drawn on a thread of their own while the loop goes on: both
+    are in the event files when the epoch's checkpoint is written, and an error in drawing them stops the run
+    before that checkpoint."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    import base.base_trainer as base_trainer
+    from base import BaseDataLoader
+    from config import load_config
+    from logger import make_writer
+    from trainer.trainer import Trainer
+
+    config = load_config(ROOT / "configs" / "digits.yaml", [f"trainer.save_dir={tmp_path}", "trainer.epochs=2",
+                                                           "trainer.verbosity=0", "trainer.monitor=off"])
+    loader = BaseDataLoader(TensorDataset(torch.randn(32, 1, 8, 8), torch.arange(32) % 10), batch_size=8,
+                            shuffle=False)
+    loader.configure(seed=0)
+
+    def trainer(run_dir: Path) -> Trainer:
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.LogSoftmax(dim=1))
+        return Trainer(model, F.nll_loss, [], torch.optim.SGD(model.parameters(), lr=0.1), config,
+                       torch.device("cpu"), loader, None, run_dir=run_dir, writer=make_writer(run_dir, True))
+
+    save, seen = base_trainer.save_checkpoint, []
+
+    def look_then_save(state, path):
+        events = accumulator(path.parent.parent)
+        seen.append((state["global_step"], [e.step for e in events.Images("samples/train")],
+                     [e.step for e in events.Histograms("weights/1.weight.grad")]))
+        return save(state, path)
+
+    draw = Trainer._draw_epoch
+
+    def slow_draw(self, *args):
+        time.sleep(0.3)  # the loop reaches the checkpoint first, which must wait for the pictures
+        draw(self, *args)
+
+    monkeypatch.setattr(base_trainer, "save_checkpoint", look_then_save)
+    monkeypatch.setattr(Trainer, "_draw_epoch", slow_draw)
+    trainer(tmp_path / "run").train()
+    assert seen == [(4, [4], [4]), (8, [4, 8], [4, 8])]
+
+    def fail(*args):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(Trainer, "_draw_epoch", fail)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        trainer(tmp_path / "failed").train()
+    assert not (tmp_path / "failed" / "checkpoints" / "last.pth").exists()
+
+
 def test_stored_captions_are_at_least_14_pixels_high(run):
     import numpy as np
     import torch

@@ -212,22 +212,31 @@ class Trainer(BaseTrainer):
         self.writer.add_scalar("throughput/train_samples_per_s",
                                (self.samples_in_epoch - started_samples) / max(self.train_seconds, 1e-9),
                                self.global_step)
+        items = []
         if self.histograms:
-            items = []
             for name, param in unwrap_model(self.model).named_parameters():  # FSDP2: rank 0's shards
                 items.append((f"weights/{name}", local_part(param.detach())))
                 if param.grad is not None:
                     items.append((f"weights/{name}.grad", local_part(param.grad.detach())))
-            self.writer.add_histograms(items, self.global_step)
-        if self._last_out is not None:
-            out, batch = self._last_out  # without validation, the views show the epoch's last batch
-            views = SampleViews(out.get("batch_size") or batch_size(batch))
-            views.collect(*self._view_parts(out, batch))
-            views.draw(self.writer, "samples/train", self.global_step, self.data_loader)
-        self._last_out = None
+        last_out, step, self._last_out = self._last_out, self.global_step, None
+        if items or last_out is not None:
+            self.draw_aside(lambda: self._draw_epoch(items, last_out, step))
         result = self.train_metrics.compute(self.dist.enabled)
         self.epoch_running = False
         return result
+
+    def _draw_epoch(self, items: list, last_out: tuple | None, step: int) -> None:
+        """The epoch's histograms and, without validation, the views of its last batch, on the drawing thread
+        (draw_aside): until the checkpoint waits for it, nothing changes the weights, the gradients or that
+        batch, and nothing else draws captions (the validation views, drawn meanwhile, exist only when these
+        do not: Pillow's font is not for two threads at once)."""
+        if items:
+            self.writer.add_histograms(items, step)
+        if last_out is not None:
+            out, batch = last_out
+            views = SampleViews(out.get("batch_size") or batch_size(batch))
+            views.collect(*self._view_parts(out, batch))
+            views.draw(self.writer, "samples/train", step, self.data_loader)
 
     def _running_means(self) -> dict:
         """The progress bar's values: this process's sums so far, the waiting losses included."""
