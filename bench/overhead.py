@@ -13,13 +13,15 @@ Each round is one more epoch of a long-lived trainer and of the hand-written loo
 order). Two ratios per round: the steps (`Trainer.train_seconds`: its loop over the epoch's batches,
 from creating the iterator to the check point after the last step, so the deferred per-step work, the
 waiting loss sums, is in), and the whole epoch, which adds what the trainer does once at its end
-(histograms, the sample grid, the checkpoint). The last line printed is the median step-time ratio.
+(histograms, the sample grid, the checkpoint); the median of that end of the trainer's epochs is printed in
+milliseconds too. The last line printed is the median step-time ratio.
 Weights after the first epoch must be bit-identical.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 
 from common import paired_rounds, report, temp_dir, timed
 
@@ -122,6 +124,7 @@ def main() -> None:
         (steps, whole epoch) in seconds."""
         trainer.epochs = trainer.start_epoch = trainer.epoch + (trainer.global_step > 0)
         epoch = timed(trainer.train)
+        epochs.append((epoch - trainer.train_seconds, epoch))
         return trainer.train_seconds, epoch
 
     def hand_epoch(state) -> tuple[float, float]:
@@ -153,6 +156,7 @@ def main() -> None:
         ratios = paired_rounds(lambda: hand_epoch(first), lambda: hand_epoch(second), args.rounds)
         print(f"{report(f'{args.model}: hand-written loop / the same loop (A/A)', ratios, None):.3f}")
         return
+    epochs = []  # the trainer's (end of epoch: histograms, sample picture, checkpoint; whole epoch) in seconds
     torch.manual_seed(1)
     trainer_on = make_trainer(True)
     trainer_epoch(trainer_on)
@@ -173,6 +177,9 @@ def main() -> None:
           f"trainer's: {identical}")
     ratios = paired_rounds(lambda: trainer_epoch(trainer_on), lambda: hand_epoch(hand), args.rounds)
     report(f"{args.model}: trainer / hand-written loop, whole epoch", [r[1] for r in ratios], None)
+    ends, wholes = zip(*epochs[-len(ratios):])
+    print(f"{args.model}: the trainer's end of epoch: median {statistics.median(ends) * 1e3:.1f} ms, of epochs of "
+          f"{statistics.median(wholes):.2f} s")
     print(f"{report(f'{args.model}: trainer / hand-written loop, steps', [r[0] for r in ratios], target):.3f}")
 
 

@@ -875,6 +875,24 @@ def test_progress_without_a_terminal_logs_plain_lines(capsys):
     assert list(Progress(range(3), 3, "x", enabled=False)) == [0, 1, 2] and capsys.readouterr().out == ""
 
 
+def test_event_records_carry_tensorboards_crc_computed_in_c():
+    """TensorBoard's record writer gets ISA-L's CRC-32C (isal, a requirement) in place of its pure-Python one:
+    the same values (the event files read back above check them too)."""
+    import random
+
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+    from tensorboard.summary.writer import record_writer
+
+    from logger.tensorboard import _writer_class
+
+    _writer_class()
+    assert record_writer.masked_crc32c is not pywrap_tensorflow.masked_crc32c
+    generator = random.Random(0)
+    for size in (0, 1, 8, 12, 100, 5000):
+        data = generator.randbytes(size)
+        assert record_writer.masked_crc32c(data) == pywrap_tensorflow.masked_crc32c(data)
+
+
 def test_scalars_are_held_back_until_a_flush_and_keep_their_value_when_logged(tmp_path):
     import numpy as np
     import torch
