@@ -153,7 +153,7 @@ def main() -> None:
     if args.aa:
         first, second = make_hand(), make_hand()
         hand_epoch(first), hand_epoch(second)
-        ratios = paired_rounds(lambda: hand_epoch(first), lambda: hand_epoch(second), args.rounds)
+        ratios = paired_rounds(lambda: hand_epoch(first)[0], lambda: hand_epoch(second)[0], args.rounds)
         print(f"{report(f'{args.model}: hand-written loop / the same loop (A/A)', ratios, None):.3f}")
         return
     epochs = []  # the trainer's (end of epoch: histograms, sample picture, checkpoint; whole epoch) in seconds
