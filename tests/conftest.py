@@ -38,9 +38,9 @@ def digits_config() -> Path:
     return ROOT / "configs" / "digits.yaml"
 
 
-# The longest files first (seconds on two idle cores, serially, 2026-11-26). `pytest -n auto --dist loadfile`
-# (README) hands each worker whole files in this order, so the long ones overlap instead of ending the run
-# one after another on a single worker.
+# The longest files first (measured serially on two idle cores, 2026-11-26). pytest.ini's `-n auto
+# --dist loadfile --no-loadscope-reorder` hands each worker whole files in this order, so the long ones
+# overlap instead of ending the run one after another on a single worker.
 LONGEST_FIRST = ["test_sweep.py", "test_hardening_signals.py", "test_fsdp.py", "test_predict_export.py",
                  "test_examples.py", "test_monitoring.py", "test_errors.py", "test_mlflow_logger.py",
                  "test_resume.py", "test_scaffold.py", "test_distributed.py", "test_tasks.py"]
