@@ -43,9 +43,11 @@ def _resolve_config(args: argparse.Namespace):
     _announce(args, overrides, next((p for p in (given, given.parent, given.parent.parent)
                                      if (p / "checkpoints").is_dir()), None))
     from checkpoint import check_resume_state, find_resume_checkpoint, load_checkpoint
-    from checkpoint.sharded import find_sharded, is_checkpoint_dir, is_sharded_run
+    from checkpoint.sharded import POINTERS, find_sharded, is_checkpoint_dir, is_sharded_run, read_pointer
     from runtime.run_dir import locate_checkpoint
 
+    if given.is_file() and given.name in POINTERS and is_sharded_run(given.parent):  # RUN/checkpoints/last
+        given = read_pointer(given.parent, given.name)
     target, run_dir = (given, given.parent.parent) if is_checkpoint_dir(given) else locate_checkpoint(args.resume)
 
     notes = []
