@@ -230,56 +230,23 @@ def test_a_pickle_payload_in_metadata_never_runs(single, tmp_path):
     assert not marker.exists()
 
 
-@pytest.fixture(scope="module")
-def resumed(single, tmp_path_factory) -> dict:
-    """A copy of the single run, with a stale temporary directory beside its checkpoints, resumed to epoch 2 in
-    place. Shared: the sweep test reads it as it is, the older-checkpoint test works on a copy."""
+@pytest.mark.slow
+def test_a_temporary_directory_is_ignored_and_swept(single, tmp_path):
     import shutil
 
-    tmp = tmp_path_factory.mktemp("resumed")
-    run = tmp / "fsdp" / "one"
+    run = tmp_path / "fsdp" / "one"
     shutil.copytree(single["run"], run)
-    stale = run / "checkpoints" / f"epoch-2.tmp-{'ab' * 16}"
+    checkpoints = run / "checkpoints"
+    stale = checkpoints / f"epoch-2.tmp-{'ab' * 16}"
     stale.mkdir()
     (stale / "garbage").write_bytes(b"x")
-    proc = ok(run_script("train.py", "-r", str(run), "trainer.epochs=2", env=ONE_THREAD))
-    return {"run": run, "stale": stale, "output": proc.stdout + proc.stderr}
-
-
-@pytest.mark.slow
-def test_a_temporary_directory_is_ignored_and_swept(resumed):
-    assert "resumed at epoch 1 end" in resumed["output"]
-    assert not resumed["stale"].exists()
-    assert (resumed["run"] / "checkpoints" / "last").read_text().strip() == "epoch-2"
-
-
-@pytest.mark.slow
-def test_an_older_checkpoint_directory_is_refused_unless_it_starts_a_new_run(single, resumed, tmp_path):
-    """As for .pth files: `-r RUN/checkpoints/epoch-1` of a run whose `last` is newer would retrain in place
-    (metrics.csv rows rewritten, last and best moved); it is refused, and `--run-id NEW` starts a new run."""
-    import shutil
-
-    out = resumed["run"] / "consolidated.pth"  # in the run directory: runs do not write over each other's
-    assert (f"evaluate:    python -m checkpoint.consolidate {resumed['run']} {out} && python test.py -r {out}"
-            in resumed["output"])
-    run = tmp_path / "fsdp" / "one"  # the resumed run (last: epoch-2), copied: this test writes into it
-    shutil.copytree(resumed["run"], run)
-    checkpoints = run / "checkpoints"
-    shutil.rmtree(checkpoints / "epoch-1", ignore_errors=True)  # pruned or not: the older one back in place
-    shutil.copytree(single["run"] / "checkpoints" / "epoch-1", checkpoints / "epoch-1")
-    before = {name: (run / name).read_bytes() for name in ("metrics.csv", "checkpoints/last", "checkpoints/best")}
-    older = checkpoints / "epoch-1"
-    proc = run_script("train.py", "-r", str(older), "trainer.epochs=2", env=ONE_THREAD)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line and "warn" not in line
-             and "return func(" not in line]
-    assert lines == [f"error: -r {older}: an older checkpoint of {run} (step 19; its `last` (epoch-2) is at step 38): "
-                     f"continuing there would overwrite the run's newer checkpoints; to start a new run from it: "
-                     f"python train.py -r {older} --run-id NEW_ID"], proc.stderr
-    ok(run_script("train.py", "-r", str(older), "--run-id", "branch", "trainer.epochs=2", f"trainer.save_dir={tmp_path}",
-                  env=ONE_THREAD))
-    assert {name: (run / name).read_bytes() for name in before} == before
-    assert (tmp_path / "fsdp" / "branch" / "checkpoints" / "last").read_text().strip() == "epoch-2"
+    config = write_config(tmp_path, epochs=2)
+    proc = ok(run_script("train.py", "-r", str(run), "-c", str(config), env=ONE_THREAD))
+    assert "resumed at epoch 1 end" in proc.stdout + proc.stderr
+    assert not stale.exists()
+    assert (checkpoints / "last").read_text().strip() == "epoch-2"
+    out = run / "consolidated.pth"  # in the run directory: runs do not write over each other's
+    assert f"evaluate:    python -m checkpoint.consolidate {run} {out} && python test.py -r {out}" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
@@ -479,9 +446,11 @@ def runs(tmp_path_factory) -> dict:
     ok(torchrun("-c", str(config), "--run-id", "fsdp"))
     ok(torchrun("-c", str(config), "--run-id", "ddp", "trainer.strategy=ddp"))
     hop = tmp / "fsdp" / "hop"
+    fsdp_files = {name: (tmp / "fsdp" / "fsdp" / name).read_bytes()
+                  for name in ("metrics.csv", "checkpoints/last", "checkpoints/best")}
     one = ok(run_script("train.py", "-r", str(tmp / "fsdp" / "fsdp" / "checkpoints" / "epoch-1"), "--run-id", "hop",
                         "trainer.epochs=2", "--bs", "68", env=ONE_THREAD))
-    assert (hop / "checkpoints" / "last").read_text().strip() == "epoch-2"
+    hop_after_branch = (hop / "checkpoints" / "last").read_text().strip()
     two = ok(torchrun("-r", str(hop), "trainer.epochs=3", "--bs", "34"))
     # kill -9 to the whole torchrun job right after its mid-epoch save of step 14 (epoch 2, batch 8 of 19),
     # then resume with 2 processes: the end must equal the uninterrupted run bit for bit.
@@ -500,6 +469,7 @@ def runs(tmp_path_factory) -> dict:
     assert (same / "checkpoints" / "last").read_text().strip() in ("step-14", "epoch-2", "step-28")
     ok(torchrun("-r", str(same)))
     return {"tmp": tmp, "fsdp": tmp / "fsdp" / "fsdp", "ddp": tmp / "fsdp" / "ddp", "hop": hop, "same": same,
+            "fsdp_files": fsdp_files, "hop_after_branch": hop_after_branch,
             "output": one.stdout + one.stderr + two.stdout + two.stderr}
 
 
@@ -520,6 +490,25 @@ def test_resume_2_to_1_to_2_processes_matches_an_uninterrupted_run(runs):
     hopped = consolidated(runs["hop"], runs["tmp"] / "hop.pth")
     whole = consolidated(runs["fsdp"], runs["tmp"] / "whole.pth")
     assert_close_states(hopped, whole)
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_an_older_checkpoint_directory_is_refused_unless_it_starts_a_new_run(runs):
+    """As for .pth files: `-r RUN/checkpoints/epoch-1` of a run whose `last` is newer would retrain in place
+    (metrics.csv rows rewritten, last and best moved); it is refused, and `--run-id NEW` starts a new run (the
+    fixture's run `hop`, started from the FSDP run's epoch-1)."""
+    run = runs["fsdp"]
+    older = run / "checkpoints" / "epoch-1"
+    proc = run_script("train.py", "-r", str(older), "trainer.epochs=2", env=ONE_THREAD)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line and "warn" not in line
+             and "return func(" not in line]
+    assert lines == [f"error: -r {older}: an older checkpoint of {run} (step 10; its `last` (epoch-3) is at step 30): "
+                     f"continuing there would overwrite the run's newer checkpoints; to start a new run from it: "
+                     f"python train.py -r {older} --run-id NEW_ID"], proc.stderr
+    assert runs["fsdp_files"] == {name: (run / name).read_bytes() for name in runs["fsdp_files"]}
+    assert runs["hop_after_branch"] == "epoch-2"  # `hop`'s own run, trained on from epoch-1
 
 
 @pytest.mark.slow
