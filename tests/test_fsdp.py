@@ -231,25 +231,6 @@ def test_a_pickle_payload_in_metadata_never_runs(single, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_temporary_directory_is_ignored_and_swept(single, tmp_path):
-    import shutil
-
-    run = tmp_path / "fsdp" / "one"
-    shutil.copytree(single["run"], run)
-    checkpoints = run / "checkpoints"
-    stale = checkpoints / f"epoch-2.tmp-{'ab' * 16}"
-    stale.mkdir()
-    (stale / "garbage").write_bytes(b"x")
-    config = write_config(tmp_path, epochs=2)
-    proc = ok(run_script("train.py", "-r", str(run), "-c", str(config), env=ONE_THREAD))
-    assert "resumed at epoch 1 end" in proc.stdout + proc.stderr
-    assert not stale.exists()
-    assert (checkpoints / "last").read_text().strip() == "epoch-2"
-    out = run / "consolidated.pth"  # in the run directory: runs do not write over each other's
-    assert f"evaluate:    python -m checkpoint.consolidate {run} {out} && python test.py -r {out}" in proc.stdout + proc.stderr
-
-
-@pytest.mark.slow
 def test_consolidated_checkpoint_loads_in_test_py(single, tmp_path):
     out = tmp_path / "model.pth"
     ok(consolidate(single["run"], out, "--checkpoint", "last"))  # the command as the README gives it: a process
@@ -451,6 +432,10 @@ def runs(tmp_path_factory) -> dict:
     one = ok(run_script("train.py", "-r", str(tmp / "fsdp" / "fsdp" / "checkpoints" / "epoch-1"), "--run-id", "hop",
                         "trainer.epochs=2", "--bs", "68", env=ONE_THREAD))
     hop_after_branch = (hop / "checkpoints" / "last").read_text().strip()
+    # A save killed before its rename left a temporary directory: the resume ignores it and sweeps it.
+    stale = hop / "checkpoints" / f"epoch-3.tmp-{'ab' * 16}"
+    stale.mkdir()
+    (stale / "garbage").write_bytes(b"x")
     two = ok(torchrun("-r", str(hop), "trainer.epochs=3", "--bs", "34"))
     # kill -9 to the whole torchrun job right after its mid-epoch save of step 14 (epoch 2, batch 8 of 19),
     # then resume with 2 processes: the end must equal the uninterrupted run bit for bit.
@@ -469,7 +454,8 @@ def runs(tmp_path_factory) -> dict:
     assert (same / "checkpoints" / "last").read_text().strip() in ("step-14", "epoch-2", "step-28")
     ok(torchrun("-r", str(same)))
     return {"tmp": tmp, "fsdp": tmp / "fsdp" / "fsdp", "ddp": tmp / "fsdp" / "ddp", "hop": hop, "same": same,
-            "fsdp_files": fsdp_files, "hop_after_branch": hop_after_branch,
+            "fsdp_files": fsdp_files, "hop_after_branch": hop_after_branch, "stale": stale,
+            "hop_resume_output": two.stdout + two.stderr,
             "output": one.stdout + one.stderr + two.stdout + two.stderr}
 
 
@@ -490,6 +476,18 @@ def test_resume_2_to_1_to_2_processes_matches_an_uninterrupted_run(runs):
     hopped = consolidated(runs["hop"], runs["tmp"] / "hop.pth")
     whole = consolidated(runs["fsdp"], runs["tmp"] / "whole.pth")
     assert_close_states(hopped, whole)
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_a_temporary_directory_is_ignored_and_swept(runs):
+    """The fixture's last resume of run `hop` (torchrun, from epoch 2) met a stale `epoch-3.tmp-...` directory."""
+    output, hop = runs["hop_resume_output"], runs["hop"]
+    assert "resumed at epoch 2 end" in output
+    assert not runs["stale"].exists()
+    assert (hop / "checkpoints" / "last").read_text().strip() == "epoch-3"
+    out = hop / "consolidated.pth"  # in the run directory: runs do not write over each other's
+    assert f"evaluate:    python -m checkpoint.consolidate {hop} {out} && python test.py -r {out}" in output
 
 
 @pytest.mark.slow
