@@ -188,6 +188,25 @@ def test_a_run_writes_checkpoint_directories_with_pointers(single):
     assert sorted(os.listdir(checkpoints)) == ["best", "epoch-1", "last"]
 
 
+def test_resume_from_the_pointer_file_last_follows_it(single, tmp_path, capsys):
+    """`-r RUN/checkpoints/last` names a pointer file (text), not a checkpoint: it is followed, as consolidate
+    does; a pointer naming no checkpoint directory is one line, exit 2."""
+    import shutil
+
+    run = shutil.copytree(single["run"], tmp_path / "one")
+    import train
+
+    capsys.readouterr()
+    status = train.main(["-r", str(run / "checkpoints" / "last")])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert f"{run}: this run already finished 1 epoch (step 19; trainer.epochs is 1); nothing to do." in out, out
+    (run / "checkpoints" / "best").write_text("garbage\n")
+    status, err = train_main(capsys, "-r", str(run / "checkpoints" / "best"))
+    assert status == 2 and err.strip() == f"error: {run / 'checkpoints' / 'best'}: does not name a checkpoint " \
+        "directory (got 'garbage')", err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", ["__0_0.distcp", ".metadata", "trainer.pth", "manifest.json"])
 def test_a_flipped_byte_in_any_file_is_refused(single, tmp_path, capsys, victim):
