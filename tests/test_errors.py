@@ -6,6 +6,7 @@ written into it, as a user would.
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -16,6 +17,7 @@ import yaml
 
 from conftest import PYTHON, ROOT, run_script
 from datafiles import write_image_folder
+from test_monitoring import hparams_record
 
 USER_MODELS = '''
 
@@ -98,6 +100,39 @@ def project(tmp_path_factory) -> Path:
             handle.write(text)
     (project / "data_loader" / "tiny.py").write_text("import torch\n" + DROP_LAST_LOADER)
     return project
+
+
+# One finished run, and the same run trained on by `-r RUN trainer.epochs=2`, shared by the tests that only
+# need "a finished run" (each train.py start costs ~3.5 s of CPU): the tests that change a run work on a copy.
+@pytest.fixture(scope="module")
+def finished(project, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One epoch of the user's own code: FailsLater (it never fails: 100000 calls) trained by UserTrainer, which
+    logs the run's user values; a checkpoint every epoch: SAVE/digits/f. (run directory, its process)"""
+    (project / "trainer" / "uses_user.py").write_text(
+        "from trainer.trainer import Trainer\n\n\n"
+        "class UserTrainer(Trainer):\n"
+        "    def on_train_start(self):\n"
+        "        self.logger.info(f\"user values: {self.config['user']}\")\n")
+    save = tmp_path_factory.mktemp("finished") / "saved"
+    proc = train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=1", "trainer.save_period=1",
+                 "arch.type=FailsLater", "arch.args={fail_after: 100000}", "metrics=[accuracy]",
+                 "trainer.type=UserTrainer", "user={alpha: 0.5, tags: [a, b]}", "user.beta=3", "--run-id", "f")
+    assert proc.returncode == 0, proc.stderr
+    return save / "digits" / "f", proc
+
+
+@pytest.fixture(scope="module")
+def extended(project, finished, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A copy of `finished` resumed with trainer.epochs=2 (what the "nothing to do" message proposes, as 11):
+    epoch-1.pth at step 20, last.pth at step 40. (run directory, the resume's process)"""
+    save = tmp_path_factory.mktemp("extended") / "saved"
+    run = copy_run(finished[0], save)
+    return run, train(project, save, "-r", str(run), "trainer.epochs=2")
+
+
+def copy_run(run: Path, save: Path) -> Path:
+    """A copy of a shared run at the same place under another save_dir (SAVE/digits/<run id>)."""
+    return Path(shutil.copytree(run, save / "digits" / run.name))
 
 
 def line_of(path: Path, text: str) -> int:
@@ -285,19 +320,26 @@ def test_verbosity_2_also_prints_the_traceback(project, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_log_ends_with_how_the_run_ended(project, tmp_path):
-    save = tmp_path / "saved"
-    finished = train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=2", "--run-id", "done")
-    assert finished.returncode == 0, finished.stderr
-    log = (save / "digits" / "done" / "train.log").read_text()
-    assert re.search(r"INFO finished: run directory .*done \(2 epochs, step 40, [\d.]+s\)\n.*INFO best val_accuracy: "
-                     r"0\.\d+ at epoch \d", log), log[-600:]
+def test_train_log_ends_with_how_the_run_ended(project, finished, extended, tmp_path):
+    """train.log's last record, and the run's status in TensorBoard's HParams record (issue 15 item 3; these
+    runs are also test_monitoring's "each run records how it ended"). The finished runs are the shared ones."""
+    from tensorboard.plugins.hparams import api_pb2
 
+    log = (finished[0] / "train.log").read_text()
+    assert re.search(r"INFO finished: run directory .*f \(1 epoch, step 20, [\d.]+s\)\n.*INFO best val_accuracy: "
+                     r"0\.\d+ at epoch \d", log), log[-600:]
+    log = (extended[0] / "train.log").read_text()  # the same run resumed: what this session did
+    assert re.search(r"INFO finished: run directory .*f \(1 epoch this session, step 40, [\d.]+s\)\n.*INFO best "
+                     r"val_accuracy: 0\.\d+ at epoch \d", log), log[-600:]
+
+    save = tmp_path / "saved"
     early = train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=30", "trainer.early_stop=1",
                   "optimizer.args.lr=1e-9", "--run-id", "early")
     assert early.returncode == 0, early.stderr
     log = (save / "digits" / "early" / "train.log").read_text()
     assert re.search(r"INFO stopped early: run directory .*early \(\d+ epochs, step \d+, [\d.]+s\)", log), log[-600:]
+    hparams, end, _, _ = hparams_record(save / "digits" / "early")
+    assert hparams["status"] == "early-stopped" and end.status == api_pb2.STATUS_SUCCESS
 
     nan = train(project, save, "-c", "configs/digits.yaml", "optimizer.args.lr=1e12", "trainer.epochs=3",
                 "--run-id", "nan")
@@ -305,6 +347,8 @@ def test_train_log_ends_with_how_the_run_ended(project, tmp_path):
     last = (save / "digits" / "nan" / "train.log").read_text().rstrip().splitlines()[-1]
     assert re.search(r"ERROR non-finite (loss|weights|gradient)", last), last
     assert last.endswith(one_error(nan)[len("error: "):])
+    hparams, end, _, _ = hparams_record(save / "digits" / "nan")
+    assert hparams["status"] == "failed" and end.status == api_pb2.STATUS_FAILURE
 
 
 @pytest.mark.slow
@@ -326,15 +370,15 @@ def test_a_signal_is_recorded_in_train_log_with_the_resume_command(project, tmp_
     assert err.strip().endswith(f"checkpoint saved ({signum.name}); {command}"), err
     last = (run / "train.log").read_text().rstrip().splitlines()[-1]
     assert "WARNING stopped by signal at epoch" in last and last.endswith(f"({signum.name}); {command}")
+    from tensorboard.plugins.hparams import api_pb2
+
+    hparams, end, _, _ = hparams_record(run)  # TensorBoard's record: interrupted, not finished
+    assert hparams["status"] == "interrupted" and end.status == api_pb2.STATUS_UNKNOWN
 
 
 @pytest.mark.slow
-def test_test_py_errors_in_user_code_are_one_line(project, tmp_path):
-    save = tmp_path / "saved"
-    assert train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=1", "arch.type=FailsLater",
-                 "arch.args={fail_after: 100000}", "metrics=[accuracy]", "trainer.monitor=off",
-                 "--run-id", "t").returncode == 0
-    run = save / "digits" / "t"
+def test_test_py_errors_in_user_code_are_one_line(project, finished):
+    run = finished[0]  # test.py writes nothing: the shared run itself
 
     def test_py(*overrides):
         proc = subprocess.run([PYTHON, "test.py", "-r", str(run), *overrides], cwd=project, capture_output=True,
@@ -344,7 +388,7 @@ def test_test_py_errors_in_user_code_are_one_line(project, tmp_path):
         assert len(lines) == 1, proc.stderr
         return proc.returncode, lines[0]
 
-    code, error = test_py("metrics=[per_sample]")
+    code, error = test_py("metrics=[per_sample]", "trainer.monitor=off")  # the run monitors val_accuracy
     assert code == 2 and error.endswith("metric 'per_sample' returned a tensor of shape (64,); a function metric "
                                         "returns one number per batch (e.g. the batch mean) (checked before "
                                         "evaluating)"), error
@@ -356,11 +400,9 @@ def test_test_py_errors_in_user_code_are_one_line(project, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_older_checkpoint_of_a_run_is_not_continued_over_its_newer_ones(project, tmp_path):
-    save = tmp_path / "saved"
-    assert train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=2", "trainer.save_period=1",
-                 "--run-id", "o").returncode == 0
-    run = save / "digits" / "o"
+def test_an_older_checkpoint_of_a_run_is_not_continued_over_its_newer_ones(project, extended, tmp_path):
+    save = tmp_path / "saved"  # a copy of the shared two-epoch run: epoch-1.pth at step 20, last.pth at 40
+    run = copy_run(extended[0], save)
     before = (run / "checkpoints" / "last.pth").read_bytes()
     older = run / "checkpoints" / "epoch-1.pth"
     proc = train(project, save, "-r", str(older), "trainer.epochs=3")
@@ -396,10 +438,9 @@ def test_zero_steps_per_epoch_is_refused_and_a_huge_batch_is_a_warning(project, 
 
 
 @pytest.mark.slow
-def test_resuming_a_finished_run_says_so_and_names_the_override(project, tmp_path):
+def test_resuming_a_finished_run_says_so_and_names_the_override(project, finished, extended, tmp_path):
     save = tmp_path / "saved"
-    assert train(project, save, "-c", "configs/digits.yaml", "trainer.epochs=1", "--run-id", "f").returncode == 0
-    run = save / "digits" / "f"
+    run = copy_run(finished[0], save)
     log_size = (run / "train.log").stat().st_size
     proc = train(project, save, "-r", str(run))
     assert proc.returncode == 0, proc.stderr
@@ -408,22 +449,16 @@ def test_resuming_a_finished_run_says_so_and_names_the_override(project, tmp_pat
         f"{run}: this run already finished 1 epoch (step 20; trainer.epochs is 1); nothing to do. To train it "
         f"further: python train.py -r {run} trainer.epochs=11"]
     assert (run / "train.log").stat().st_size == log_size  # nothing written
-    more = train(project, save, "-r", str(run), "trainer.epochs=2")
-    assert more.returncode == 0 and "finished: run directory" in more.stdout
+    # The named override trains it further: the shared `extended` run is this command on a copy of the run.
+    _, more = extended
+    assert more.returncode == 0 and "finished: run directory" in more.stdout, more.stderr
 
 
 # ---- 7. user keys, duplicate class names, -d as GPU indices -----------------------------------------
 
 @pytest.mark.slow
-def test_user_values_are_plain_data_that_reach_the_trainer(project, tmp_path):
-    (project / "trainer" / "uses_user.py").write_text(
-        "from trainer.trainer import Trainer\n\n\n"
-        "class UserTrainer(Trainer):\n"
-        "    def on_train_start(self):\n"
-        "        self.logger.info(f\"user values: {self.config['user']}\")\n")
-    proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "trainer.type=UserTrainer",
-                 "trainer.epochs=1", "user={alpha: 0.5, tags: [a, b]}", "user.beta=3")
-    assert proc.returncode == 0, proc.stderr
+def test_user_values_are_plain_data_that_reach_the_trainer(project, finished, tmp_path):
+    _, proc = finished  # the shared run: trainer.type=UserTrainer "user={alpha: 0.5, tags: [a, b]}" user.beta=3
     assert "user values: {'alpha': 0.5, 'tags': ['a', 'b'], 'beta': 3}" in proc.stdout
     proc = train(project, tmp_path / "saved", "-c", "configs/digits.yaml", "user=[1, 2]")
     assert proc.returncode == 2

@@ -143,22 +143,26 @@ def damage_zip64_locator(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", [flip_directory_bit, damage_zip64_locator])
 @pytest.mark.slow
-def test_resume_falls_back_past_a_bit_flipped_last_and_test_py_exits_2(tmp_path, run_dir, damage):
-    """Two train.py runs and one test.py run, about 15 s."""
+def test_resume_falls_back_past_a_bit_flipped_last_and_test_py_exits_2(tmp_path, run_dir):
+    """Both damages at once, one per file: last.pth with a damaged zip64 locator (it escaped as BadZipFile, so
+    `-r RUN` never fell back), best.pth with the directory bit (it loaded garbage). test.py on each exits 2 in
+    one line; one train.py -r RUN skips both (newest first) and resumes from epoch-1.pth. (One resume for both:
+    a damage that escaped or loaded would stop it at that file.)"""
     run = copy_run(run_dir, tmp_path / "run")
-    last = run / "checkpoints" / "last.pth"
-    damage(last)
-    proc = run_script("test.py", "-r", str(last))
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(last) in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    last, best = run / "checkpoints" / "last.pth", run / "checkpoints" / "best.pth"
+    damage_zip64_locator(last)
+    flip_directory_bit(best)
+    for damaged in (last, best):
+        proc = run_script("test.py", "-r", str(damaged))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(damaged) in lines[0] and "Traceback" not in proc.stderr, proc.stderr
     proc = run_script("train.py", "-r", str(run), "trainer.epochs=2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"skipped {last}:" in proc.stdout
+    assert f"skipped {last}:" in proc.stdout and f"skipped {best}:" in proc.stdout
     resumed_from = proc.stdout.split("resuming from")[1].splitlines()[0]
-    assert "last.pth" not in resumed_from, resumed_from
+    assert resumed_from.strip() == str(run / "checkpoints" / "epoch-1.pth"), resumed_from
     assert load_checkpoint(last)["epoch"] == 2
 
 
