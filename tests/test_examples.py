@@ -111,12 +111,13 @@ def test_the_torchrun_run_used_two_processes(readme_runs):
     assert last["world_size"] == 2
 
 
-# Short runs for the kill test: 2 epochs, a checkpoint every 3 steps, enough steps per epoch that the
-# kill lands well before the end. Diabetes: 353 training samples / 8 = 45 steps an epoch; shapes:
-# 87 / 16 = 6; sequences: 360 / 16 = 23.
+# Short runs for the kill test: 2 epochs, a checkpoint every 3 steps, enough steps per epoch that there
+# are several mid-epoch checkpoints to catch and the kill lands well before the end (with 6 steps an
+# epoch there was one, and a busy machine's poll could miss it). Diabetes: 353 training samples / 8 = 45
+# steps an epoch; shapes: 87 / 4 = 22; sequences: 360 / 16 = 23.
 RESUME = {
     "diabetes_regression": ["data_loader.args.batch_size=8"],
-    "shapes_segmentation": ["data_loader.args.n_samples=96"],
+    "shapes_segmentation": ["data_loader.args.n_samples=96", "data_loader.args.batch_size=4"],
     "sequence_classification": ["data_loader.args.n_samples=400", "data_loader.args.batch_size=16"],
 }
 
@@ -156,10 +157,18 @@ def test_example_resumes_bit_for_bit_after_a_sigkill(name, tmp_path):
                                "killed"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while (seen := mid_epoch_state(killed_dir / "checkpoints" / "last.pth")) is None:
+        last, stamp, seen = killed_dir / "checkpoints" / "last.pth", None, None
+        while seen is None:
             assert killed.poll() is None, f"train.py exited {killed.returncode} before a mid-epoch checkpoint"
             assert time.monotonic() < deadline, "no mid-epoch checkpoint in 240 s"
-            time.sleep(0.01)
+            try:  # read last.pth only when a new one was written: the poll leaves the CPU to train.py
+                now = last.stat()
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_ino, now.st_mtime_ns, now.st_size) != stamp:
+                stamp, seen = (now.st_ino, now.st_mtime_ns, now.st_size), mid_epoch_state(last)
+            if seen is None:
+                time.sleep(0.01)
         killed.send_signal(signal.SIGKILL)
     finally:
         killed.kill()
