@@ -96,12 +96,27 @@ def test_every_combination_is_validated_before_anything_is_written(tmp_path):
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
 
 
-def test_refusals(tmp_path):
-    proc = run_script("train.py", *quick(tmp_path), "--sweep", "seed=0,1",
-                      env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
-    assert proc.returncode == 2 and "--nproc N" in proc.stderr and not any(tmp_path.iterdir())
-    proc = run_script("train.py", *quick(tmp_path), "--sweep", "seed=0,1", "--dry-run")
-    assert proc.returncode == 0 and "run-001: seed=1" in proc.stdout and not any(tmp_path.iterdir())
+def main_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
+    """train.main(argv) in this process, as `python train.py` calls it; (exit status, stdout, stderr).
+    The refusals below need no interpreter of their own (each would cost ~3.5 s of CPU importing torch):
+    test_every_combination_is_validated_before_anything_is_written runs one as a real process."""
+    import train
+
+    capsys.readouterr()
+    code = train.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_refusals(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as env:
+        for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+            env.setenv(name, value)
+        code, out, err = main_in_process([*quick(tmp_path), "--sweep", "seed=0,1"], capsys)
+    assert code == 2 and "--nproc N" in err and not any(tmp_path.iterdir())
+    code, out, err = main_in_process([*quick(tmp_path), "--sweep", "seed=0,1", "--dry-run"], capsys)
+    assert code == 0 and "run-001: seed=1" in out and not any(tmp_path.iterdir())
 
 
 def test_summary_groups_over_seeds():
@@ -224,14 +239,16 @@ def test_kfold_summary_and_a_killed_fold_resumes_bit_identical(tmp_path):
 
 
 # ---- Optuna ------------------------------------------------------------------------------------------
-def test_search_needs_a_monitor_and_ranges(tmp_path):
+def test_search_needs_a_monitor_and_ranges(tmp_path, monkeypatch, capsys):
     pytest.importorskip("optuna")
-    proc = run_script("train.py", *quick(tmp_path), "trainer.monitor=off", "--sweep-trials", "3", "--sweep",
-                      "optimizer.args.lr=log(1e-4,1e-1)")
-    assert proc.returncode == 2 and "trainer.monitor" in proc.stderr and not any(tmp_path.iterdir())
-    proc = run_script("train.py", *quick(tmp_path), "--sweep-trials", "3", "--sweep",
-                      "optimizer.args.lr=log(1e-4,1e-1)", "arch.args.dropout=choice(0.1,oops)")
-    assert proc.returncode == 2 and "arch.args.dropout" in proc.stderr and not any(tmp_path.iterdir()), proc.stderr
+    monkeypatch.chdir(tmp_path)
+    code, out, err = main_in_process([*quick(tmp_path), "trainer.monitor=off", "--sweep-trials", "3", "--sweep",
+                                      "optimizer.args.lr=log(1e-4,1e-1)"], capsys)
+    assert code == 2 and "trainer.monitor" in err and not any(tmp_path.iterdir())
+    code, out, err = main_in_process([*quick(tmp_path), "--sweep-trials", "3", "--sweep",
+                                      "optimizer.args.lr=log(1e-4,1e-1)", "arch.args.dropout=choice(0.1,oops)"],
+                                     capsys)
+    assert code == 2 and "arch.args.dropout" in err and not any(tmp_path.iterdir()), err
 
 
 @pytest.mark.slow
