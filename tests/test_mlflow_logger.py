@@ -247,10 +247,13 @@ def test_a_sweeps_runs_are_children_of_one_parent_run_which_a_resume_reopens(tmp
     mlflow.parentRunId; `train.py -r SWEEP_DIR` opens the same parent again."""
     save_dir = tmp_path / "saved"
     sweep_dir = save_dir / "digits" / "s"
-    env = without_tracking_uri()
+    # Out of os.environ (run_script adds its env to os.environ's, so env= could not remove them), for the
+    # sweep process and for the resume in this process below.
+    for name in ("MLFLOW_TRACKING_URI", "SWEEP_MLFLOW_PARENT_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
     args = ["-c", CONFIG, "--sweep", "seed=0,1", "--run-id", "s", f"trainer.save_dir={save_dir}", "trainer.epochs=1",
             "trainer.loggers=[mlflow]", *QUIET]
-    proc = run_script("train.py", *args, env=env, timeout=300)
+    proc = run_script("train.py", *args, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not (save_dir / "digits" / "mlflow.db").exists()
     client = client_of(f"sqlite:///{save_dir / 'mlflow.db'}")
@@ -284,8 +287,6 @@ def test_a_sweeps_runs_are_children_of_one_parent_run_which_a_resume_reopens(tmp
     # calls it (an interpreter of its own would spend ~3.5 s of CPU importing torch to do the same).
     import train
 
-    for name in ("MLFLOW_TRACKING_URI", "SWEEP_MLFLOW_PARENT_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
     capsys.readouterr()
     code = train.main(["-r", str(sweep_dir)])
     out, err = capsys.readouterr()
