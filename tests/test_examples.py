@@ -8,6 +8,7 @@ torchmetrics, ~5 s a process), the three kill-and-resume runs ~1.5 min.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -111,12 +112,13 @@ def test_the_torchrun_run_used_two_processes(readme_runs):
     assert last["world_size"] == 2
 
 
-# Short runs for the kill test: 2 epochs, a checkpoint every 3 steps, enough steps per epoch that the
-# kill lands well before the end. Diabetes: 353 training samples / 8 = 45 steps an epoch; shapes:
-# 87 / 16 = 6; sequences: 360 / 16 = 23.
+# Short runs for the kill test: 2 epochs, a checkpoint every 3 steps, enough steps per epoch that there
+# are several mid-epoch checkpoints to catch and the kill lands well before the end (with 6 steps an
+# epoch there was one, and a busy machine's poll could miss it). Diabetes: 353 training samples / 8 = 45
+# steps an epoch; shapes: 87 / 4 = 22; sequences: 360 / 16 = 23.
 RESUME = {
     "diabetes_regression": ["data_loader.args.batch_size=8"],
-    "shapes_segmentation": ["data_loader.args.n_samples=96"],
+    "shapes_segmentation": ["data_loader.args.n_samples=96", "data_loader.args.batch_size=4"],
     "sequence_classification": ["data_loader.args.n_samples=400", "data_loader.args.batch_size=16"],
 }
 
@@ -145,27 +147,59 @@ def mid_epoch_state(path: Path) -> dict | None:
     return state if not state["epoch_finished"] and state["global_step"] >= 4 else None
 
 
-@pytest.mark.parametrize("name", list(RESUME))
-def test_example_resumes_bit_for_bit_after_a_sigkill(name, tmp_path):
-    args = ["-c", str(ROOT / "configs" / f"{name}.yaml"), "trainer.epochs=2", "trainer.save_every_steps=3",
+def resume_args(name: str) -> list[str]:
+    return ["-c", str(ROOT / "configs" / f"{name}.yaml"), "trainer.epochs=2", "trainer.save_every_steps=3",
             *RESUME[name]]
-    run_script("train.py", *args, f"trainer.save_dir={tmp_path}", "--run-id", "whole", check=True)
+
+
+# The uninterrupted references are not what the test is about (the killed and the resumed runs are real
+# train.py processes): one interpreter trains all three with train.main, as `python train.py` would, which
+# saves two interpreter starts (~3.5 s of CPU each).
+REFERENCES = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import train
+sys.exit(max(train.main(argv) for argv in json.loads(sys.argv[2])))
+"""
+
+
+@pytest.fixture(scope="module")
+def whole_runs(tmp_path_factory) -> Path:
+    save_dir = tmp_path_factory.mktemp("whole")
+    argvs = [[*resume_args(name), f"trainer.save_dir={save_dir}", "--run-id", "whole"] for name in RESUME]
+    proc = subprocess.run([PYTHON, "-c", REFERENCES, str(ROOT), json.dumps(argvs)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return save_dir
+
+
+@pytest.mark.parametrize("name", list(RESUME))
+def test_example_resumes_bit_for_bit_after_a_sigkill(name, tmp_path, whole_runs):
+    args = resume_args(name)
 
     killed_dir = tmp_path / name / "killed"
     killed = subprocess.Popen([PYTHON, str(ROOT / "train.py"), *args, f"trainer.save_dir={tmp_path}", "--run-id",
                                "killed"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while (seen := mid_epoch_state(killed_dir / "checkpoints" / "last.pth")) is None:
+        last, stamp, seen = killed_dir / "checkpoints" / "last.pth", None, None
+        while seen is None:
             assert killed.poll() is None, f"train.py exited {killed.returncode} before a mid-epoch checkpoint"
             assert time.monotonic() < deadline, "no mid-epoch checkpoint in 240 s"
-            time.sleep(0.01)
+            try:  # read last.pth only when a new one was written: the poll leaves the CPU to train.py
+                now = last.stat()
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_ino, now.st_mtime_ns, now.st_size) != stamp:
+                stamp, seen = (now.st_ino, now.st_mtime_ns, now.st_size), mid_epoch_state(last)
+            if seen is None:
+                time.sleep(0.01)
         killed.send_signal(signal.SIGKILL)
     finally:
         killed.kill()
         status = killed.wait()
     assert status == -signal.SIGKILL, "the run finished before the kill: the test resumed nothing"
-    whole = load_checkpoint(tmp_path / name / "whole" / "checkpoints" / "last.pth")
+    whole = load_checkpoint(whole_runs / name / "whole" / "checkpoints" / "last.pth")
     assert seen["global_step"] < whole["global_step"]
 
     run_script("train.py", "-r", str(killed_dir), check=True)

@@ -160,7 +160,8 @@ def csv_rows(run_dir) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_train_py_killed_with_sigkill_and_resumed_is_one_mlflow_run_with_the_values_of_metrics_csv(tmp_path):
+def test_train_py_killed_with_sigkill_and_resumed_is_one_mlflow_run_with_the_values_of_metrics_csv(tmp_path, monkeypatch,
+                                                                                                    capfd):
     """A run with trainer.loggers [tensorboard, csv, mlflow], SIGKILLed once epoch 3's checkpoint file exists
     (so last.pth holds epoch 2 or later), then resumed with -r. Before the resume its last.pth is set back
     to epoch 1: that is what a kill after the flush before a checkpoint and before the checkpoint itself
@@ -192,11 +193,19 @@ def test_train_py_killed_with_sigkill_and_resumed_is_one_mlflow_run_with_the_val
     assert client.get_run(run_id).info.status == "RUNNING"
     ahead = max(m.step for m in client.get_metric_history(run_id, "val_accuracy"))
 
-    resumed = run_script("train.py", "-r", str(run_dir), env=env, timeout=240)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    kept = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "already holds steps up to" in line]
-    assert len(kept) == 1 and "override" in kept[0], resumed.stdout + resumed.stderr  # said once, with why
-    assert f"mlflow:      mlflow ui --backend-store-uri sqlite:///{save_dir / 'mlflow.db'}" in resumed.stdout
+    # The resume: train.main -r in this process, as `python train.py -r` calls it (the SIGKILLed run above
+    # is the process of its own; an interpreter for the resume would cost ~3.5 s of CPU importing torch).
+    import train
+
+    for name in ("MLFLOW_TRACKING_URI", "SWEEP_MLFLOW_PARENT_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    capfd.readouterr()
+    code = train.main(["-r", str(run_dir)])
+    stdout, stderr = capfd.readouterr()
+    assert code == 0, stdout + stderr
+    kept = [line for line in (stdout + stderr).splitlines() if "already holds steps up to" in line]
+    assert len(kept) == 1 and "override" in kept[0], stdout + stderr  # said once, with why
+    assert f"mlflow:      mlflow ui --backend-store-uri sqlite:///{save_dir / 'mlflow.db'}" in stdout
 
     experiment = client.get_experiment_by_name("digits")
     runs = client.search_runs([experiment.experiment_id])
@@ -232,16 +241,19 @@ def test_train_py_killed_with_sigkill_and_resumed_is_one_mlflow_run_with_the_val
 
 # ---- a sweep: one parent run ---------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_sweeps_runs_are_children_of_one_parent_run_which_a_resume_reopens(tmp_path):
+def test_a_sweeps_runs_are_children_of_one_parent_run_which_a_resume_reopens(tmp_path, monkeypatch, capsys):
     """--sweep seed=0,1 with trainer.loggers [mlflow] alone (no event files, no metrics.csv): the sweep's run
     and its two runs' in experiment digits of <save_dir>/mlflow.db (not the sweep's folder), the runs tagged
     mlflow.parentRunId; `train.py -r SWEEP_DIR` opens the same parent again."""
     save_dir = tmp_path / "saved"
     sweep_dir = save_dir / "digits" / "s"
-    env = without_tracking_uri()
+    # Out of os.environ (run_script adds its env to os.environ's, so env= could not remove them), for the
+    # sweep process and for the resume in this process below.
+    for name in ("MLFLOW_TRACKING_URI", "SWEEP_MLFLOW_PARENT_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
     args = ["-c", CONFIG, "--sweep", "seed=0,1", "--run-id", "s", f"trainer.save_dir={save_dir}", "trainer.epochs=1",
             "trainer.loggers=[mlflow]", *QUIET]
-    proc = run_script("train.py", *args, env=env, timeout=300)
+    proc = run_script("train.py", *args, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not (save_dir / "digits" / "mlflow.db").exists()
     client = client_of(f"sqlite:///{save_dir / 'mlflow.db'}")
@@ -271,7 +283,13 @@ def test_a_sweeps_runs_are_children_of_one_parent_run_which_a_resume_reopens(tmp
         files = {p.name for p in (sweep_dir / name).iterdir()}
         assert "metrics.csv" not in files and not any("tfevents" in f or f.startswith("hparams-") for f in files), files
 
-    again = run_script("train.py", "-r", str(sweep_dir), env=env, timeout=300)
-    assert again.returncode == 0, again.stdout + again.stderr
+    # The resume of the finished sweep starts no run: train.main in this process, as `python train.py`
+    # calls it (an interpreter of its own would spend ~3.5 s of CPU importing torch to do the same).
+    import train
+
+    capsys.readouterr()
+    code = train.main(["-r", str(sweep_dir)])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
     assert (sweep_dir / "mlflow_run_id").read_text().split()[0] == parent_id
     check()

@@ -36,6 +36,18 @@ def wait_for(predicate, proc: subprocess.Popen, seconds: float = 120) -> None:
         time.sleep(0.05)
 
 
+def resume_in_process(sweep_dir: Path, capfd) -> tuple[int, str]:
+    """`python train.py -r SWEEP_DIR` as train.main in this process, its runs still child train.py
+    processes (the sweeps that are killed stay processes of their own; a resume that runs to the end needs
+    no interpreter of its own, ~3.5 s of CPU); (exit status, what it and its runs printed)."""
+    import train
+
+    capfd.readouterr()
+    code = train.main(["-r", str(sweep_dir)])
+    out, err = capfd.readouterr()
+    return code, out + err
+
+
 def rows(sweep_dir: Path) -> list[dict]:
     with open(sweep_dir / "sweep.csv", newline="") as handle:
         return list(csv.DictReader(handle))
@@ -96,12 +108,27 @@ def test_every_combination_is_validated_before_anything_is_written(tmp_path):
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
 
 
-def test_refusals(tmp_path):
-    proc = run_script("train.py", *quick(tmp_path), "--sweep", "seed=0,1",
-                      env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
-    assert proc.returncode == 2 and "--nproc N" in proc.stderr and not any(tmp_path.iterdir())
-    proc = run_script("train.py", *quick(tmp_path), "--sweep", "seed=0,1", "--dry-run")
-    assert proc.returncode == 0 and "run-001: seed=1" in proc.stdout and not any(tmp_path.iterdir())
+def main_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
+    """train.main(argv) in this process, as `python train.py` calls it; (exit status, stdout, stderr).
+    The refusals below need no interpreter of their own (each would cost ~3.5 s of CPU importing torch):
+    test_every_combination_is_validated_before_anything_is_written runs one as a real process."""
+    import train
+
+    capsys.readouterr()
+    code = train.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_refusals(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as env:
+        for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+            env.setenv(name, value)
+        code, out, err = main_in_process([*quick(tmp_path), "--sweep", "seed=0,1"], capsys)
+    assert code == 2 and "--nproc N" in err and not any(tmp_path.iterdir())
+    code, out, err = main_in_process([*quick(tmp_path), "--sweep", "seed=0,1", "--dry-run"], capsys)
+    assert code == 0 and "run-001: seed=1" in out and not any(tmp_path.iterdir())
 
 
 def test_summary_groups_over_seeds():
@@ -118,7 +145,7 @@ def test_summary_groups_over_seeds():
 
 # ---- slow: a 2x2 grid killed twice and resumed ------------------------------------------------------
 @pytest.mark.slow
-def test_grid_sweep_killed_and_resumed_matches_the_checkpoints(tmp_path):
+def test_grid_sweep_killed_and_resumed_matches_the_checkpoints(tmp_path, capfd):
     sweep_dir = tmp_path / "digits" / "grid"
     args = quick(tmp_path, "trainer.save_every_steps=4", "--run-id", "grid", "--sweep",
                  "optimizer.args.lr=1e-3,3e-3", "seed=0,1")
@@ -140,9 +167,8 @@ def test_grid_sweep_killed_and_resumed_matches_the_checkpoints(tmp_path):
     out2 = proc.communicate(timeout=60)[0]
     assert "run-000" not in out2 and "resuming run-001" in out2 and "starting run-002" in out2, out2
     # 3. Resume to the end: the killed run resumes from its checkpoint, the last one starts.
-    proc = start(["-r", str(sweep_dir)])
-    out3 = proc.communicate(timeout=180)[0]
-    assert proc.returncode == 0, out3
+    code, out3 = resume_in_process(sweep_dir, capfd)
+    assert code == 0, out3
     assert "run-000" not in out3.split("summary")[0] and "run-001" not in out3.split("summary")[0]
     assert "resuming run-002" in out3 and "starting run-003" in out3
     assert "summary: mean ± std over seeds (4 finished runs)" in out3
@@ -193,7 +219,7 @@ def test_fold_keys_reach_the_data_loader_and_are_checked():
 
 
 @pytest.mark.slow
-def test_kfold_summary_and_a_killed_fold_resumes_bit_identical(tmp_path):
+def test_kfold_summary_and_a_killed_fold_resumes_bit_identical(tmp_path, capfd):
     import statistics
 
     from test_resume import assert_bit_identical
@@ -206,9 +232,8 @@ def test_kfold_summary_and_a_killed_fold_resumes_bit_identical(tmp_path):
     os.kill(child, signal.SIGKILL)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    proc = start(["-r", str(sweep_dir)])
-    out = proc.communicate(timeout=180)[0]
-    assert proc.returncode == 0, out
+    code, out = resume_in_process(sweep_dir, capfd)
+    assert code == 0, out
     assert "fold-0" not in out.split("summary")[0] and "resuming fold-2" in out, out
     assert [row["status"] for row in rows(sweep_dir)] == ["finished"] * 3
     assert [row["data_loader.fold"] for row in rows(sweep_dir)] == ["0", "1", "2"]
@@ -224,18 +249,20 @@ def test_kfold_summary_and_a_killed_fold_resumes_bit_identical(tmp_path):
 
 
 # ---- Optuna ------------------------------------------------------------------------------------------
-def test_search_needs_a_monitor_and_ranges(tmp_path):
+def test_search_needs_a_monitor_and_ranges(tmp_path, monkeypatch, capsys):
     pytest.importorskip("optuna")
-    proc = run_script("train.py", *quick(tmp_path), "trainer.monitor=off", "--sweep-trials", "3", "--sweep",
-                      "optimizer.args.lr=log(1e-4,1e-1)")
-    assert proc.returncode == 2 and "trainer.monitor" in proc.stderr and not any(tmp_path.iterdir())
-    proc = run_script("train.py", *quick(tmp_path), "--sweep-trials", "3", "--sweep",
-                      "optimizer.args.lr=log(1e-4,1e-1)", "arch.args.dropout=choice(0.1,oops)")
-    assert proc.returncode == 2 and "arch.args.dropout" in proc.stderr and not any(tmp_path.iterdir()), proc.stderr
+    monkeypatch.chdir(tmp_path)
+    code, out, err = main_in_process([*quick(tmp_path), "trainer.monitor=off", "--sweep-trials", "3", "--sweep",
+                                      "optimizer.args.lr=log(1e-4,1e-1)"], capsys)
+    assert code == 2 and "trainer.monitor" in err and not any(tmp_path.iterdir())
+    code, out, err = main_in_process([*quick(tmp_path), "--sweep-trials", "3", "--sweep",
+                                      "optimizer.args.lr=log(1e-4,1e-1)", "arch.args.dropout=choice(0.1,oops)"],
+                                     capsys)
+    assert code == 2 and "arch.args.dropout" in err and not any(tmp_path.iterdir()), err
 
 
 @pytest.mark.slow
-def test_optuna_search_with_pruning_killed_and_resumed(tmp_path):
+def test_optuna_search_with_pruning_killed_and_resumed(tmp_path, capfd):
     optuna = pytest.importorskip("optuna")
     from optuna.trial import TrialState
 
@@ -249,9 +276,8 @@ def test_optuna_search_with_pruning_killed_and_resumed(tmp_path):
     proc.communicate(timeout=60)
     study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{sweep_dir / 'study.db'}")
     assert [t.state for t in study.trials][-1] == TrialState.RUNNING
-    proc = start(["-r", str(sweep_dir)])
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, out
+    code, out = resume_in_process(sweep_dir, capfd)
+    assert code == 0, out
     assert "trial-000" not in out.split("summary")[0] and "resuming trial-002" in out, out
     study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{sweep_dir / 'study.db'}")
     assert [t.number for t in study.trials] == list(range(6))  # none lost, none run twice

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -311,10 +312,17 @@ class TemplateTrainer(BaseTrainer):
 '''
 
 
-@pytest.mark.parametrize("name", ["LegacyTrainer", "TemplateTrainer"])
-def test_a_pytorch_template_train_epoch_is_refused_with_the_method_to_override(tmp_path, name):
-    project = tmp_path / "project"
+@pytest.fixture(scope="module")
+def new_project(tmp_path_factory) -> Path:
+    """One `new_project.py` copy of the scaffold for the module; each test edits its own copy of it."""
+    project = tmp_path_factory.mktemp("new_project") / "project"
     run_script("new_project.py", str(project), check=True)
+    return project
+
+
+@pytest.mark.parametrize("name", ["LegacyTrainer", "TemplateTrainer"])
+def test_a_pytorch_template_train_epoch_is_refused_with_the_method_to_override(tmp_path, name, new_project):
+    project = Path(shutil.copytree(new_project, tmp_path / "project", symlinks=True))
     (project / "trainer" / "legacy.py").write_text(LEGACY)
     proc = subprocess.run([PYTHON, "train.py", "-c", "configs/digits.yaml", f"trainer.type={name}",
                            f"trainer.save_dir={tmp_path / 'saved'}", "trainer.epochs=1"],
@@ -329,9 +337,8 @@ def test_a_pytorch_template_train_epoch_is_refused_with_the_method_to_override(t
 # ---- metrics in training and test.py alike ------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_float_metric_works_in_training_and_in_test_py(tmp_path):
-    project = tmp_path / "project"
-    run_script("new_project.py", str(project), check=True)
+def test_a_float_metric_works_in_training_and_in_test_py(tmp_path, new_project):
+    project = Path(shutil.copytree(new_project, tmp_path / "project", symlinks=True))
     with open(project / "model" / "metric.py", "a") as handle:
         handle.write("\n\ndef error_rate(output, target):\n"
                      "    return float((output.argmax(dim=1) != target).float().mean())  # a float, not a tensor\n")
@@ -455,12 +462,16 @@ def test_views_follow_the_task_and_spread_over_the_split(caplog):
 
 
 @pytest.mark.slow
-def test_a_regression_run_shows_predicted_against_true_in_tensorboard(tmp_path):
+def test_a_regression_run_shows_predicted_against_true_in_tensorboard(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    proc = run_script("train.py", "-c", str(ROOT / "configs" / "diabetes_regression.yaml"), "trainer.epochs=2",
-                      f"trainer.save_dir={tmp_path}", "--run-id", "r")
-    assert proc.returncode == 0, proc.stderr
+    import train
+
+    # train.main in this process, as `python train.py` calls it: what is checked is the event files, not
+    # the process (an interpreter of its own would cost ~3.5 s of CPU importing torch).
+    code = train.main(["-c", str(ROOT / "configs" / "diabetes_regression.yaml"), "trainer.epochs=2",
+                       f"trainer.save_dir={tmp_path}", "--run-id", "r"])
+    assert code == 0, capsys.readouterr().err
     events = EventAccumulator(str(tmp_path / "diabetes_regression" / "r"), size_guidance={"images": 0})
     events.Reload()
     images = events.Images("samples/val")
