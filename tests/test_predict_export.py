@@ -322,8 +322,11 @@ def shipped_run(name: str, tmp_path_factory) -> Path:
         shutil.copy(ROOT / "configs" / name, cwd / name)
         config = _read_config(cwd / name)
         extra = _prepare_data(config, cwd)
+        # No DataLoader workers: they would be forks of this (threaded) pytest process.
+        workers = ["data_loader.args.num_workers=0"] if config["data_loader"]["args"].get("num_workers") else []
         with contextlib.chdir(cwd):
-            code = train.main(["-c", name, "--run-id", "smoke", "trainer.epochs=1", "trainer.save_dir=saved", *extra])
+            code = train.main(["-c", name, "--run-id", "smoke", "trainer.epochs=1", "trainer.save_dir=saved", *extra,
+                               *workers])
         assert code == 0, f"train.py -c {name} exited {code}"
         _TRAINED[name] = cwd / "saved" / config["name"] / "smoke"
     return _TRAINED[name]
