@@ -3,22 +3,20 @@ model, for every shipped example config trained for an epoch; exports whose pari
 again with the files' own runtimes; the metadata beside them; and the error paths, word for word.
 
 The quick part (10-15 s) runs the scripts' `main` in-process on a checkpoint written here from an
-untrained DigitsCNN. The slow part trains each shipped config for an epoch (train.main in this process,
-once per session; test_scaffold.py's run when it trained it first in this process), runs the scripts'
+untrained DigitsCNN. The slow part trains each shipped config for an epoch (test_scaffold.py's runs: train.main for
+every config in one interpreter of their own, once per session), runs the scripts'
 `main` in-process on it, and the two scripts once as commands
 (about 3 min on a busy 2-core machine, half of it training). The ONNX tests skip when onnx, onnxscript
 or onnxruntime is not installed (requirements-extra.txt).
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib.util
 import inspect
 import re
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from test_scaffold import _RUNS, SHIPPED, _prepare_data, _read_config
+from test_scaffold import SHIPPED
+from test_scaffold import shipped_run as scaffold_shipped_run
 
 ATOL, RTOL = 1e-5, 1.3e-6  # export.py's default parity tolerances
 
@@ -304,32 +303,11 @@ def test_export_argument_errors(capsys):
 
 # digits.json is digits.yaml spelled in JSON (test_scaffold.py checks they train the same run).
 EXAMPLES = [name for name in SHIPPED if name != "digits.json"]
-_TRAINED: dict[str, Path] = {}
-
-
 def shipped_run(name: str, tmp_path_factory) -> Path:
-    """configs/<name> trained for one epoch from a fresh working directory, as test_scaffold.shipped_run
-    trains it: its run when test_scaffold.py trained it in this process already, else the same command
-    through train.main in this process (once per session). What is checked here is predict.py and
-    export.py on the checkpoint; test_scaffold.py runs each shipped config as a train.py process, and an
-    interpreter start per config would cost ~3.5 s of CPU more."""
-    if name in _RUNS:
-        return _RUNS[name]
-    if name not in _TRAINED:
-        import train
-
-        cwd = tmp_path_factory.mktemp(Path(name).stem)
-        shutil.copy(ROOT / "configs" / name, cwd / name)
-        config = _read_config(cwd / name)
-        extra = _prepare_data(config, cwd)
-        # No DataLoader workers: they would be forks of this (threaded) pytest process.
-        workers = ["data_loader.args.num_workers=0"] if config["data_loader"]["args"].get("num_workers") else []
-        with contextlib.chdir(cwd):
-            code = train.main(["-c", name, "--run-id", "smoke", "trainer.epochs=1", "trainer.save_dir=saved", *extra,
-                               *workers])
-        assert code == 0, f"train.py -c {name} exited {code}"
-        _TRAINED[name] = cwd / "saved" / config["name"] / "smoke"
-    return _TRAINED[name]
+    """configs/<name> trained for one epoch: test_scaffold's runs (all shipped configs through train.main in one
+    interpreter of their own, once per session). What is checked here is predict.py and export.py on the
+    checkpoint."""
+    return scaffold_shipped_run(name, tmp_path_factory)
 
 
 def model_args(trainer_type: str, batch) -> tuple:
