@@ -44,11 +44,14 @@ def _resolve_config(args: argparse.Namespace):
                                      if (p / "checkpoints").is_dir()), None))
     from checkpoint import check_resume_state, find_resume_checkpoint, load_checkpoint
     from checkpoint.sharded import POINTERS, find_sharded, is_checkpoint_dir, is_sharded_run, read_pointer
-    from runtime.run_dir import locate_checkpoint
+    from runtime.run_dir import checkpoints_stamp, locate_checkpoint
 
     if given.is_file() and given.name in POINTERS and is_sharded_run(given.parent):  # RUN/checkpoints/last
         given = read_pointer(given.parent, given.name)
     target, run_dir = (given, given.parent.parent) if is_checkpoint_dir(given) else locate_checkpoint(args.resume)
+    # Taken before anything is loaded, compared once the run directory is locked: another train.py may save
+    # into it until then, and this one would continue from the older checkpoint over the newer.
+    stamp = checkpoints_stamp(run_dir) if run_dir is not None else None
 
     notes = []
     if is_checkpoint_dir(target) or is_sharded_run(target):  # trainer.strategy fsdp: checkpoint/sharded.py
@@ -69,7 +72,7 @@ def _resolve_config(args: argparse.Namespace):
     if saved is not None:
         _refuse_type_changes(saved, config, path)
     suffix = ".json" if run_dir is not None and (run_dir / "config.json").exists() else ".yaml"
-    return config, {"state": state, "path": path, "notes": notes, "saved": saved}, run_dir, suffix
+    return config, {"state": state, "path": path, "notes": notes, "saved": saved, "stamp": stamp}, run_dir, suffix
 
 
 def _build_trainer(cls, *args):
@@ -212,7 +215,7 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
     from runtime.device import check_amp, resolve_device
     from runtime.distributed import (barrier, broadcast_object, check_fsdp_config, check_sync_batchnorm,
                                      distributed_context, init_process_group, shard_model, shutdown, wrap_model)
-    from runtime.run_dir import RunLock, create_run_dir, write_config
+    from runtime.run_dir import RunLock, checkpoints_stamp, create_run_dir, write_config
     from runtime.seeding import seed_everything
     from trainer.callbacks import build_callbacks
     from trainer.sanity import sanity_pass
@@ -259,6 +262,9 @@ def train_run(args: argparse.Namespace, stop: StopSignal | None = None) -> int:
                     run_dir, lock, reused = create_run_dir(config, args.run_id)
                 else:
                     lock = RunLock(run_dir)
+                    if resume and checkpoints_stamp(run_dir) != resume["stamp"]:
+                        raise UserError(f"{run_dir / 'checkpoints'} changed while this resume loaded {resume['path']} "
+                                        f"(another train.py saved into it); resume again with -r {run_dir}")
             except UserError as exc:
                 problem = str(exc)
         run_dir, problem, reused = broadcast_object((run_dir and str(run_dir), problem, reused))

@@ -79,6 +79,25 @@ class RunLock:
             self.fd = None
 
 
+def checkpoints_stamp(run_dir: Path) -> tuple:
+    """What a save into <run_dir>/checkpoints changes: each entry's name, inode, size and mtime (a save
+    renames a new file or pointer into place; temporaries of a save under way do not count)."""
+    stamp = []
+    try:
+        with os.scandir(run_dir / "checkpoints") as entries:
+            for entry in entries:
+                if ".tmp" in entry.name:
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # removed by the retention of another process's save
+                    continue
+                stamp.append((entry.name, info.st_ino, info.st_size, info.st_mtime_ns))
+    except OSError:
+        return ()
+    return tuple(sorted(stamp))
+
+
 def has_checkpoint(run_dir: Path) -> bool:
     # Temporaries (last.pth.tmp-<pid>) of a save that was killed do not count.
     # A sharded run (trainer.strategy fsdp) has its pointer file `last` once a save is complete.

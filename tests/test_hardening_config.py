@@ -219,6 +219,33 @@ def test_resume_while_the_run_trains_is_refused(tmp_path):
     torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)
 
 
+def test_a_save_by_another_train_py_while_a_resume_loads_is_refused(trained, tmp_path, monkeypatch, capsys):
+    """The lock is taken after the checkpoint is loaded and the model, data and sanity pass are built (a
+    refused resume writes nothing); a save into the run in between must refuse the resume, not let it go on
+    from the older checkpoint over the newer one. Here a real second train.py extends the run by an epoch at
+    that moment (it runs while this resume builds its model)."""
+    import shutil
+
+    import config.build
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    build_model, others = config.build.build_model, []
+
+    def build_model_while_another_saves(config_: dict):
+        others.append(run_script("train.py", "-r", str(run_dir), "trainer.epochs=2", cwd=tmp_path, timeout=300))
+        return build_model(config_)
+
+    monkeypatch.setattr(config.build, "build_model", build_model_while_another_saves)
+    code, _, err = run_main(tmp_path, monkeypatch, capsys, "-r", str(run_dir), "trainer.epochs=3")
+    assert others and others[0].returncode == 0, others and others[0].stderr[-3000:]
+    after_other = snapshot(run_dir)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"{run_dir / 'checkpoints'} changed while this resume loaded" in err and f"-r {run_dir}" in err, err
+    assert snapshot(run_dir) == after_other  # the refused resume wrote nothing
+    assert torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)["epoch"] == 2
+
+
 # ---- item 9: num_workers -------------------------------------------------------------------------
 
 def test_num_workers_is_capped(tmp_path, monkeypatch, capsys):
