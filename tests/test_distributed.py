@@ -74,6 +74,16 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def agent_ok(node: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """ok(), except for a torchelastic race of two agents on one c10d store (pytorch/pytorch#69197; it failed
+    one CI-like run here): the agent hosting the store exits when its worker is done, and the other agent's next
+    health poll (`num_nodes_waiting`) fails to reach it while its own worker is past the run's final barrier.
+    The training is then complete (the tests below check its files); a worker that failed is not excused."""
+    if node.returncode != 0 and "RendezvousConnectionError" in node.stderr and "ChildFailedError" not in node.stderr:
+        return node
+    return ok(node)
+
+
 def checkpoint(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
@@ -97,7 +107,7 @@ def equivalence(tmp_path_factory) -> dict:
     config = tmp / "mlp.yaml"
     config.write_text(yaml.safe_dump({**MLP_CONFIG, "trainer": {**MLP_CONFIG["trainer"], "save_dir": str(tmp)}}))
     ok(run_script("train.py", "-c", str(config), "--run-id", "one", env=ONE_THREAD))
-    nodes = [ok(node) for node in torchrun_two_nodes("--run-id", "two", "-c", str(config), "--bs", "34")]
+    nodes = [agent_ok(node) for node in torchrun_two_nodes("--run-id", "two", "-c", str(config), "--bs", "34")]
     return {"one": tmp / "equiv" / "one", "two": tmp / "equiv" / "two", "output": nodes[0].stdout + nodes[1].stdout}
 
 
