@@ -219,6 +219,7 @@ def test_resume_while_the_run_trains_is_refused(tmp_path):
     torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)
 
 
+@pytest.mark.slow
 def test_a_save_by_another_train_py_while_a_resume_loads_is_refused(trained, tmp_path, monkeypatch, capsys):
     """The lock is taken after the checkpoint is loaded and the model, data and sanity pass are built (a
     refused resume writes nothing); a save into the run in between must refuse the resume, not let it go on
