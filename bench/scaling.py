@@ -54,8 +54,10 @@ def scaffold_rate(processes: int, epochs: int, batch_size: int, workload: str, d
 
 def hand_rate(processes: int, epochs: int, batch_size: int, workload: str, data_dir: Path | None) -> float:
     out = subprocess.run([*TORCHRUN, f"--nproc_per_node={processes}", "bench/ddp_hand.py", workload, str(epochs),
-                          str(batch_size), str(data_dir)], cwd=ROOT, check=True, capture_output=True, text=True,
+                          str(batch_size), str(data_dir)], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if out.returncode:
+        sys.exit(f"bench/ddp_hand.py exited {out.returncode}:\n{out.stderr[-3000:]}")
     return float(out.stdout.strip().splitlines()[-1].split(":")[1])
 
 
