@@ -75,10 +75,11 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def agent_ok(node: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    """ok(), except for a torchelastic race of two agents on one c10d store (pytorch/pytorch#69197; it failed
-    one CI-like run here): the agent hosting the store exits when its worker is done, and the other agent's next
-    health poll (`num_nodes_waiting`) fails to reach it while its own worker is past the run's final barrier.
-    The training is then complete (the tests below check its files); a worker that failed is not excused."""
+    """ok(), except for a torchelastic race of two agents on one c10d store (the trace of
+    meta-pytorch/torchtune#2676; it failed one CI-like run here): the agent hosting the store exits when its
+    worker is done, and the other agent's next health poll (`num_nodes_waiting`) fails to reach it while its
+    own worker is past the run's final barrier. The training is then complete (the tests below check its
+    files); a worker that failed is not excused."""
     if node.returncode != 0 and "RendezvousConnectionError" in node.stderr and "ChildFailedError" not in node.stderr:
         return node
     return ok(node)
