@@ -265,7 +265,10 @@ def _validate_value(value: Any, key: Key, where: str, problems: list[str]) -> An
         value = "off"  # YAML 1.1 reads an unquoted `off` as false
     ok, value = _kind_ok(key.kind, value)
     if not ok:
-        problems.append(f"{where}: expected {KIND_NAMES[key.kind]}, got {short(value)}")
+        expected = KIND_NAMES[key.kind]
+        if key.nullable:  # null is a value the key takes (its default, often): say so
+            expected = "true, false or null" if key.kind == "bool" else f"{expected} or null"
+        problems.append(f"{where}: expected {expected}, got {short(value)}")
         return value
     if key.kind == "section":
         return _validate_section(value, key.keys, where, problems)

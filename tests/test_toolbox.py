@@ -564,7 +564,7 @@ def test_compile_config_is_a_switch_or_mode_and_dynamic(tmp_path):
     for value, message in (("fast", "trainer.compile: expected true, false or a mapping, got 'fast'"),
                            ({"mode": "fastest"}, "trainer.compile.mode: 'fastest' is not one of default, "
                                                  "reduce-overhead, max-autotune, max-autotune-no-cudagraphs"),
-                           ({"dynamic": "yes please"}, "trainer.compile.dynamic: expected true or false"),
+                           ({"dynamic": "yes please"}, "trainer.compile.dynamic: expected true, false or null"),
                            ({"fullgraph": True}, "trainer.compile.fullgraph: unknown key")):
         with pytest.raises(ConfigError) as info:
             load_config(write(tmp_path, tiny(compile=value)))
