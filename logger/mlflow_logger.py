@@ -9,7 +9,8 @@ MLflow run across any number of resumes: its id and store are kept in `<run_dir>
 What a run logs: its flattened config as params (once: MLflow params cannot change), the per-step
 scalars TensorBoard gets under the same tags (`loss/step`, `optimizer/grad_norm`, `lr/group<i>_step`,
 ...), each epoch's values at the epoch's global step (`train_<name>`, `val_<name>`, `lr`, `epoch`,
-`epoch_seconds`), the best checkpoint as the artifact `checkpoints/best.pth` at the end of a session, and
+`epoch_seconds`), the run directory's config file as an artifact at the start of each session (params keep
+6000 characters), the best checkpoint as the artifact `checkpoints/best.pth` at the end of a session, and
 the status (FINISHED, KILLED when stopped by a signal, FAILED).
 
 Scalars are sent every FLUSH_SECONDS and at every flush, which the trainer does before each checkpoint; a
@@ -27,6 +28,7 @@ from errors import ConfigError
 from logger.epoch_log import EpochLogger, EpochRecord
 from logger.logging import get_logger
 
+PARAM_LIMIT = 6000  # the longest param value an MLflow store takes
 RUN_ID_FILE = "mlflow_run_id"  # line 1: the run id; line 2: the tracking URI of the store that holds it
 ENV_PARENT = "SWEEP_MLFLOW_PARENT_RUN_ID"  # set by the sweep runner for its child runs
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
@@ -155,7 +157,11 @@ def open_run(folder: Path, save_dir: Path, experiment: str, continuing: bool, pa
         experiment_id = _experiment_id(client, uri, experiment)
     run_id = client.create_run(experiment_id, run_name=folder.name, tags=tags).info.run_id
     atomic_write(folder / RUN_ID_FILE, lambda handle: handle.write(f"{run_id}\n{uri}\n".encode()))
-    items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+    items = [Param(key, str(value)[:PARAM_LIMIT]) for key, value in params.items()]
+    cut = [key for key, value in params.items() if len(str(value)) > PARAM_LIMIT]
+    if cut:
+        get_logger().warning(f"warning: MLflow keeps {PARAM_LIMIT} characters of a param; {', '.join(cut)} cut "
+                             f"there (the whole config is in {folder} and, for a run, its artifact config.*)")
     for start in range(0, len(items), PARAMS_BATCH):
         client.log_batch(run_id, params=items[start:start + PARAMS_BATCH])
     return client, uri, run_id, False
@@ -176,6 +182,9 @@ class MlflowWriter(EpochLogger):
         self.client, self.uri, self.run_id, reopened = open_run(
             self.run_dir, Path(config["trainer"]["save_dir"]), config["name"], resumed, flatten_hparams(config),
             {"run_dir": str(self.run_dir.resolve())}, os.environ.get(ENV_PARENT) or None)
+        for name in ("config.yaml", "config.json"):  # this session's config whole (params are the first's, cut)
+            if (self.run_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(self.run_dir / name))
         self.newest: dict[str, int] = {}  # key -> newest step in the store or in this session
         if reopened:
             for key in self.client.get_run(self.run_id).data.metrics:

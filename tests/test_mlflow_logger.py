@@ -237,6 +237,32 @@ def test_train_py_killed_with_sigkill_and_resumed_is_one_mlflow_run_with_the_val
     artifact = client.download_artifacts(run_id, "checkpoints/best.pth", str(tmp_path))
     assert open(artifact, "rb").read() == (run_dir / "checkpoints" / "best.pth").read_bytes()
     assert (save_dir / "mlartifacts").is_dir()
+    config_file = client.download_artifacts(run_id, "config.yaml", str(tmp_path / "config"))
+    assert open(config_file).read() == (run_dir / "config.yaml").read_text()  # the resumed session's, whole
+
+
+def test_a_param_longer_than_mlflow_takes_is_cut_with_a_warning_and_the_config_is_an_artifact(tmp_path, monkeypatch,
+                                                                                             caplog):
+    import yaml
+
+    from logger.mlflow_logger import PARAM_LIMIT, MlflowWriter, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SWEEP_MLFLOW_PARENT_RUN_ID", raising=False)
+    run_dir = tmp_path / "digits" / "run"
+    run_dir.mkdir(parents=True)
+    notes = "".join(f"{i:05d} " for i in range(1500))  # 9,000 characters
+    settings = {**config(tmp_path), "user": {"notes": notes}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(settings))
+    writer = MlflowWriter(run_dir, settings)
+    writer.close()
+    warned = [r.getMessage() for r in caplog.records if "MLflow keeps" in r.getMessage()]
+    assert len(warned) == 1 and "user.notes cut" in warned[0] and str(run_dir) in warned[0], warned
+    client = client_of(tracking_uri(tmp_path))
+    params = client.get_run(writer.run_id).data.params
+    assert params["user.notes"] == notes[:PARAM_LIMIT] and params["optimizer.args.lr"] == "0.002"
+    stored = client.download_artifacts(writer.run_id, "config.yaml", str(tmp_path / "artifact"))
+    assert yaml.safe_load(open(stored))["user"]["notes"] == notes
 
 
 # ---- a sweep: one parent run ---------------------------------------------------------------------------
